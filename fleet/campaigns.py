@@ -1,0 +1,433 @@
+"""Campaigns: operator requests, the runner that widens waves or pauses, and status.
+
+Operators (CLI, tests) only change rows and bump the campaign's desired revision; the
+runner publishes a group's retained desired state whenever the revision it last published
+differs from the database's, so a restarted controller re-publishes everything once and then
+carries on from the database.
+"""
+
+import asyncio
+import itertools
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from fleet import metrics
+from fleet.db.repository import LiveCampaign, Queries, Repository, WaveRow
+from fleet.errors import CampaignError, DatabaseUnavailableError, NotFoundError
+from fleet.mqtt import PublishError
+from fleet.protocol import (
+    BUCKETS,
+    BucketRange,
+    Command,
+    CommandKind,
+    DesiredState,
+    MessageKind,
+    PackageKind,
+    PackageRef,
+    desired_topic,
+    new_message_id,
+    now,
+    terminal_topic,
+)
+from fleet.states import FAILURE, FINAL, SUCCESS, ExecState
+
+logger = logging.getLogger(__name__)
+
+
+class Publisher(Protocol):
+    """Where the controller's MQTT publishes go (the session, or a fake in unit tests)."""
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry_s: int | None = None,
+    ) -> None:
+        """Publish one message and wait until the broker has it."""
+
+
+# -- operator requests ------------------------------------------------------------------
+
+
+def wave_bucket_limits(percentages: Sequence[float]) -> list[int]:
+    """Turn cumulative wave percentages (e.g. 10, 50, 100) into bucket upper bounds."""
+    if not percentages:
+        raise CampaignError("bad_waves", "a campaign needs at least one wave")
+    limits = [round(p * BUCKETS / 100) for p in percentages]
+    if any(b <= a for a, b in itertools.pairwise(limits)) or limits[0] < 1:
+        raise CampaignError("bad_waves", "wave percentages must increase and start above 0")
+    if limits[-1] != BUCKETS:
+        raise CampaignError("bad_waves", "the last wave must reach 100%")
+    return limits
+
+
+async def create_campaign(
+    repo: Repository,
+    *,
+    name: str,
+    groups: Sequence[str],
+    packages: Sequence[tuple[str, str]],
+    waves: Sequence[float],
+    success_threshold: float,
+    failure_threshold: float,
+) -> int:
+    """Create a draft campaign over groups, with (name, version) packages and waves in %."""
+    limits = wave_bucket_limits(waves)
+    async with repo.transaction() as q:
+        package_rows = []
+        for package_name, version in packages:
+            row = await q.package_by_name(package_name, version)
+            if row is None:
+                raise NotFoundError("package", f"{package_name}={version}")
+            package_rows.append(row)
+        package_rows.sort(key=lambda r: _KIND_RANK[r["kind"]])
+        campaign_id = await q.create_campaign(
+            name=name,
+            groups=groups,
+            package_ids=[r["id"] for r in package_rows],
+            wave_bucket_his=limits,
+            success_threshold=success_threshold,
+            failure_threshold=failure_threshold,
+        )
+        await q.log_campaign(
+            campaign_id,
+            "operator",
+            "created",
+            {"groups": list(groups), "waves": list(waves), "packages": [list(p) for p in packages]},
+        )
+    return campaign_id
+
+
+_KIND_RANK = {"firmware": 0, "app": 1, "params": 2}
+_DESIRED_STATUS: dict[str, Literal["active", "paused", "canceled"]] = {
+    "running": "active",
+    "paused": "paused",
+    "canceled": "canceled",
+}
+
+
+async def start_campaign(repo: Repository, campaign_id: int) -> int:
+    """Start a draft campaign; return the number of executions created."""
+    async with repo.transaction() as q:
+        await _require(q, campaign_id)
+        started, count = await q.start_campaign(campaign_id)
+        if not started:
+            raise CampaignError("not_draft", f"campaign {campaign_id} has already been started")
+        await q.log_campaign(campaign_id, "operator", "started", {"executions": count})
+    return count
+
+
+async def pause_campaign(repo: Repository, campaign_id: int, reason: str = "operator") -> None:
+    """Stop widening and stop terminals that have not begun from beginning."""
+    await _set_control(repo, campaign_id, "paused", reason, ["running"], "paused")
+
+
+async def resume_campaign(repo: Repository, campaign_id: int) -> None:
+    """Resume a paused campaign."""
+    await _set_control(repo, campaign_id, "running", None, ["paused"], "resumed")
+
+
+async def cancel_campaign(repo: Repository, campaign_id: int) -> None:
+    """Cancel: executions not yet begun end as canceled; the rest run to their end."""
+    async with repo.transaction() as q:
+        await _require(q, campaign_id)
+        revision = await q.set_control(campaign_id, "canceled", "operator", ["running", "paused"])
+        if revision is None:
+            raise CampaignError(
+                "not_cancelable", f"campaign {campaign_id} is not running or paused"
+            )
+        await q.cancel_pending_executions(campaign_id)
+        await q.log_campaign(campaign_id, "operator", "canceled", {})
+
+
+async def _set_control(
+    repo: Repository,
+    campaign_id: int,
+    control: str,
+    reason: str | None,
+    from_controls: list[str],
+    action: str,
+) -> None:
+    async with repo.transaction() as q:
+        await _require(q, campaign_id)
+        revision = await q.set_control(campaign_id, control, reason, from_controls)
+        if revision is None:
+            raise CampaignError(
+                f"not_{from_controls[0]}", f"campaign {campaign_id} is not {from_controls[0]}"
+            )
+        await q.log_campaign(campaign_id, "operator", action, {"reason": reason})
+
+
+async def _require(q: Queries, campaign_id: int) -> None:
+    if await q.campaign(campaign_id) is None:
+        raise NotFoundError("campaign", str(campaign_id))
+
+
+# -- status ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WaveStatus:
+    """One wave's executions by state."""
+
+    wave: int
+    bucket_hi: int
+    opened: bool
+    counts: dict[str, int]
+
+    @property
+    def size(self) -> int:
+        """Executions in this wave."""
+        return sum(self.counts.values())
+
+    def count(self, states: frozenset[ExecState]) -> int:
+        """Executions in any of `states`."""
+        return sum(n for state, n in self.counts.items() if state in states)
+
+
+@dataclass(frozen=True)
+class CampaignStatus:
+    """A campaign's status, derived from its executions, never stored."""
+
+    id: int
+    name: str
+    control: str
+    current_wave: int
+    paused_reason: str | None
+    waves: list[WaveStatus]
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Executions by state over all waves."""
+        totals: dict[str, int] = defaultdict(int)
+        for wave in self.waves:
+            for state, n in wave.counts.items():
+                totals[state] += n
+        return dict(totals)
+
+    @property
+    def status(self) -> str:
+        """draft, running, paused, canceled, or completed once every execution is final."""
+        everything_final = all(
+            wave.count(FINAL) == wave.size for wave in self.waves
+        ) and self.current_wave == len(self.waves)
+        if self.control in ("running", "canceled") and everything_final:
+            return "completed" if self.control == "running" else "canceled"
+        return self.control
+
+
+def _waves(rows: list[WaveRow], current_wave: int) -> list[WaveStatus]:
+    by_wave: dict[int, WaveStatus] = {}
+    for row in rows:
+        wave = by_wave.setdefault(
+            row.wave,
+            WaveStatus(
+                wave=row.wave,
+                bucket_hi=row.bucket_hi,
+                opened=row.wave <= current_wave,
+                counts={},
+            ),
+        )
+        if row.state is not None:
+            wave.counts[row.state] = row.n
+    return [by_wave[w] for w in sorted(by_wave)]
+
+
+async def campaign_status(repo: Repository, campaign_id: int) -> CampaignStatus:
+    """Read a campaign's status."""
+    async with repo.connection() as q:
+        row = await q.campaign(campaign_id)
+        if row is None:
+            raise NotFoundError("campaign", str(campaign_id))
+        rows = await q.wave_counts(campaign_id)
+    return CampaignStatus(
+        id=row["id"],
+        name=row["name"],
+        control=row["control"],
+        current_wave=row["current_wave"],
+        paused_reason=row["paused_reason"],
+        waves=_waves(rows, row["current_wave"]),
+    )
+
+
+# -- the runner -----------------------------------------------------------------------
+
+
+class CampaignRunner:
+    """Publishes desired states and decides, every tick, to widen or to pause."""
+
+    def __init__(
+        self, repo: Repository, publisher: Publisher, *, artifact_base_url: str, tick_s: float
+    ) -> None:
+        """Wire the runner to the repository and the MQTT publisher."""
+        self._repo = repo
+        self._publisher = publisher
+        self._artifact_base_url = artifact_base_url.rstrip("/")
+        self._tick_s = tick_s
+        self._published: dict[int, int] = {}
+        self.ticked = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Evaluate every live campaign each tick until `stop` is set."""
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except DatabaseUnavailableError as exc:
+                logger.warning("campaign tick skipped: %s", exc, extra={"action": "tick_skipped"})
+            self.ticked.set()
+            try:
+                async with asyncio.timeout(self._tick_s):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+
+    async def tick(self) -> None:
+        """Evaluate every live campaign once and publish what changed."""
+        async with self._repo.connection() as q:
+            campaigns = await q.live_campaigns()
+        for campaign in campaigns:
+            if campaign.control == "running":
+                await self._evaluate(campaign)
+        async with self._repo.connection() as q:
+            campaigns = await q.live_campaigns()
+        for campaign in campaigns:
+            if self._published.get(campaign.id) != campaign.desired_revision:
+                try:
+                    await self._publish_desired(campaign.id)
+                except PublishError as exc:
+                    # Not marked as published: the next tick tries again.
+                    logger.warning(
+                        "desired state of campaign %s not published: %s",
+                        campaign.name,
+                        exc,
+                        extra={"action": "desired_publish_failed"},
+                    )
+
+    async def _evaluate(self, campaign: LiveCampaign) -> None:
+        async with self._repo.connection() as q:
+            waves = _waves(await q.wave_counts(campaign.id), campaign.current_wave)
+        for wave in waves:
+            if not wave.opened or wave.size == 0:
+                continue
+            failures = wave.count(FAILURE)
+            if failures / wave.size > campaign.failure_threshold:
+                await self._pause_on_failures(campaign, wave, failures)
+                return
+        current = waves[campaign.current_wave - 1]
+        succeeded = current.count(SUCCESS)
+        ready = current.size == 0 or succeeded / current.size >= campaign.success_threshold
+        if ready and campaign.current_wave < campaign.wave_count:
+            async with self._repo.transaction() as q:
+                revision = await q.open_wave(campaign.id, campaign.current_wave + 1)
+                if revision is None:
+                    return
+                await q.log_campaign(
+                    campaign.id,
+                    "runner",
+                    "wave_opened",
+                    {
+                        "wave": campaign.current_wave + 1,
+                        "previous_wave_succeeded": succeeded,
+                        "previous_wave_size": current.size,
+                        "success_threshold": campaign.success_threshold,
+                    },
+                )
+            metrics.CAMPAIGN_DECISIONS.labels("wave_opened").inc()
+            logger.info(
+                "campaign %s: wave %d opened (%d/%d succeeded)",
+                campaign.name,
+                campaign.current_wave + 1,
+                succeeded,
+                current.size,
+                extra={"action": "wave_opened"},
+            )
+
+    async def _pause_on_failures(
+        self, campaign: LiveCampaign, wave: WaveStatus, failures: int
+    ) -> None:
+        reason = (
+            f"wave {wave.wave}: {failures} of {wave.size} failed "
+            f"({failures / wave.size:.1%} > {campaign.failure_threshold:.1%})"
+        )
+        async with self._repo.transaction() as q:
+            revision = await q.set_control(campaign.id, "paused", reason, ["running"])
+            if revision is None:
+                return
+            await q.log_campaign(
+                campaign.id,
+                "runner",
+                "paused_on_failures",
+                {
+                    "wave": wave.wave,
+                    "failed": failures,
+                    "size": wave.size,
+                    "failure_threshold": campaign.failure_threshold,
+                    "counts": wave.counts,
+                },
+            )
+        metrics.CAMPAIGN_DECISIONS.labels("paused_on_failures").inc()
+        logger.warning(
+            "campaign %s paused: %s", campaign.name, reason, extra={"action": "paused_on_failures"}
+        )
+
+    async def _publish_desired(self, campaign_id: int) -> None:
+        async with self._repo.connection() as q:
+            source = await q.campaign_desired(campaign_id)
+        if source is None or source.revision == 0:
+            return
+        status = _DESIRED_STATUS[source.control]
+        packages = [
+            PackageRef(
+                name=p["name"],
+                kind=PackageKind(p["kind"]),
+                version=p["version"],
+                url=f"{self._artifact_base_url}/artifacts/{p['sha256']}",
+                size=p["size"],
+                sha256=p["sha256"],
+                models=p["models"],
+            )
+            for p in source.packages
+        ]
+        for group in source.groups:
+            message = DesiredState(
+                group=group,
+                campaign_id=source.campaign_id,
+                revision=source.revision,
+                status=status,
+                packages=packages,
+                buckets=BucketRange(lo=0, hi=source.bucket_hi),
+                issued_at=now(),
+            )
+            await self._publisher.publish(
+                desired_topic(group), message.to_bytes(), qos=1, retain=True
+            )
+            metrics.DESIRED_PUBLISHED.inc()
+        self._published[campaign_id] = source.revision
+
+
+async def send_groups(
+    publisher: Publisher, terminal_id: str, groups: list[str], expiry_s: int
+) -> None:
+    """Tell a terminal which groups it belongs to (sent after each hello)."""
+    issued = now()
+    command = Command(
+        msg_id=new_message_id(),
+        tid=terminal_id,
+        kind=CommandKind.GROUPS,
+        issued_at=issued,
+        expires_at=issued + expiry_s,
+        groups=groups,
+    )
+    await publisher.publish(
+        terminal_topic(terminal_id, MessageKind.CMD),
+        command.to_bytes(),
+        qos=1,
+        expiry_s=expiry_s,
+    )
+    metrics.COMMANDS_PUBLISHED.labels(CommandKind.GROUPS.value).inc()

@@ -1,0 +1,437 @@
+"""The repository: one async function per named query in ``queries.sql``.
+
+This is the one place that knows asyncpg. Driver exceptions are translated here into
+`fleet.errors` types; nothing above this module imports asyncpg's exceptions.
+"""
+
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from fleet.db.migrate import SCHEMA_VERSION, applied_version
+from fleet.errors import DatabaseUnavailableError, DuplicateError, SchemaVersionError
+
+_NAME_RE = re.compile(r"^-- name: ([a-z_]+)\s*$", re.MULTILINE)
+
+
+def parse_queries(text: str) -> dict[str, str]:
+    """Split a queries file into ``{name: sql}`` on ``-- name: x`` lines."""
+    parts = _NAME_RE.split(text)
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in queries:
+            msg = f"query {name} is defined twice"
+            raise ValueError(msg)
+        queries[name] = body.strip()
+    return queries
+
+
+QUERIES = parse_queries(resources.files("fleet.db").joinpath("queries.sql").read_text())
+
+HEARTBEAT_COLUMNS = (
+    "terminal_id",
+    "received_at",
+    "device_ts",
+    "versions",
+    "battery_pct",
+    "storage_free_mb",
+    "busy",
+    "health",
+)
+
+
+@dataclass(frozen=True)
+class EventOutcome:
+    """What storing one state event did."""
+
+    known: bool
+    inserted: bool
+    moved: bool
+
+
+@dataclass(frozen=True)
+class LiveCampaign:
+    """A campaign past draft, as the runner sees it."""
+
+    id: int
+    name: str
+    control: str
+    current_wave: int
+    wave_count: int
+    success_threshold: float
+    failure_threshold: float
+    desired_revision: int
+
+
+@dataclass(frozen=True)
+class DesiredSource:
+    """What a desired-state message of a campaign is built from."""
+
+    campaign_id: int
+    control: str
+    revision: int
+    bucket_hi: int
+    groups: list[str]
+    packages: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class WaveRow:
+    """Count of one wave's executions in one state (state None: an empty wave)."""
+
+    wave: int
+    bucket_hi: int
+    opened_at: datetime | None
+    state: str | None
+    n: int
+
+
+@dataclass(frozen=True)
+class HeartbeatRow:
+    """One heartbeat, ready for COPY."""
+
+    terminal_id: str
+    received_at: datetime
+    device_ts: datetime
+    versions: str
+    battery_pct: int
+    storage_free_mb: int
+    busy: bool
+    health: str
+
+
+Connection: TypeAlias = (
+    "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+)
+
+
+class Queries:
+    """The named queries, bound to one connection (inside a transaction or not)."""
+
+    def __init__(self, conn: Connection) -> None:
+        """Bind to a connection."""
+        self._conn = conn
+
+    async def ensure_heartbeat_partitions(self, days_ahead: int) -> int:
+        """Create missing daily heartbeat partitions; return how many were made."""
+        created: int = await self._conn.fetchval(QUERIES["ensure_heartbeat_partitions"], days_ahead)
+        return created
+
+    async def upsert_terminals(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert or update terminals (id, model, merchant_id, timezone, versions, attributes)."""
+        await self._conn.execute(
+            QUERIES["upsert_terminals"],
+            [r["id"] for r in rows],
+            [r.get("model", "unknown") for r in rows],
+            [r.get("merchant_id", "") for r in rows],
+            [r.get("timezone", "UTC") for r in rows],
+            [json.dumps(r.get("versions", {})) for r in rows],
+            [json.dumps(r.get("attributes", {})) for r in rows],
+        )
+
+    async def create_group(self, name: str) -> None:
+        """Create a group if it does not exist."""
+        await self._conn.execute(QUERIES["create_group"], name)
+
+    async def assign_group(self, group: str, terminal_ids: Sequence[str]) -> None:
+        """Add terminals to a group (idempotent)."""
+        await self._conn.execute(QUERIES["assign_group"], group, list(terminal_ids))
+
+    async def unassign_group(self, group: str, terminal_ids: Sequence[str]) -> None:
+        """Remove terminals from a group."""
+        await self._conn.execute(QUERIES["unassign_group"], group, list(terminal_ids))
+
+    async def terminal_groups(self, terminal_id: str) -> list[str]:
+        """Return a terminal's groups."""
+        rows = await self._conn.fetch(QUERIES["terminal_groups"], terminal_id)
+        return [r["group_name"] for r in rows]
+
+    async def add_package(
+        self, name: str, kind: str, version: str, size: int, sha256: str, models: Sequence[str]
+    ) -> int:
+        """Register a package; return its id."""
+        package_id: int = await self._conn.fetchval(
+            QUERIES["add_package"], name, kind, version, size, sha256, list(models)
+        )
+        return package_id
+
+    async def package_by_name(self, name: str, version: str) -> asyncpg.Record | None:
+        """Return a package row by name and version."""
+        return await self._conn.fetchrow(QUERIES["package_by_name"], name, version)
+
+    async def record_event(
+        self,
+        *,
+        msg_id: str,
+        terminal_id: str,
+        campaign_id: int,
+        seq: int,
+        state: str,
+        progress: int | None,
+        stage: str | None,
+        error_code: str | None,
+        detail: str | None,
+        device_ts: float,
+    ) -> EventOutcome:
+        """Store one state event idempotently and apply it if it is new and legal."""
+        row = await self._conn.fetchrow(
+            QUERIES["record_event"],
+            msg_id,
+            terminal_id,
+            campaign_id,
+            seq,
+            state,
+            progress,
+            stage,
+            error_code,
+            detail,
+            device_ts,
+        )
+        assert row is not None
+        return EventOutcome(known=row["known"], inserted=row["inserted"], moved=row["moved"])
+
+    async def touch_terminals(
+        self, ids: Sequence[str], seen: Sequence[datetime], versions: Sequence[str]
+    ) -> set[str]:
+        """Coalesce last-seen and versions; return the ids that exist."""
+        rows = await self._conn.fetch(
+            QUERIES["touch_terminals"], list(ids), list(seen), list(versions)
+        )
+        return {r["id"] for r in rows}
+
+    async def copy_heartbeats(self, rows: Sequence[HeartbeatRow]) -> None:
+        """Write heartbeats with COPY."""
+        await self._conn.copy_records_to_table(
+            "heartbeats",
+            records=[
+                (
+                    r.terminal_id,
+                    r.received_at,
+                    r.device_ts,
+                    r.versions,
+                    r.battery_pct,
+                    r.storage_free_mb,
+                    r.busy,
+                    r.health,
+                )
+                for r in rows
+            ],
+            columns=HEARTBEAT_COLUMNS,
+        )
+
+    async def set_presence(self, ids: Sequence[str], online: Sequence[bool]) -> set[str]:
+        """Set online flags; return the ids that exist."""
+        rows = await self._conn.fetch(QUERIES["set_presence"], list(ids), list(online))
+        return {r["id"] for r in rows}
+
+    async def record_hello(
+        self,
+        *,
+        terminal_id: str,
+        model: str,
+        versions: dict[str, str],
+        merchant_id: str,
+        timezone: str,
+        attributes: dict[str, str],
+        boot_id: str,
+    ) -> list[str] | None:
+        """Store a terminal's inventory; return its groups, or None if it is unknown."""
+        row = await self._conn.fetchrow(
+            QUERIES["record_hello"],
+            terminal_id,
+            model,
+            json.dumps(versions),
+            merchant_id,
+            timezone,
+            json.dumps(attributes),
+            boot_id,
+        )
+        return None if row is None else list(row["groups"])
+
+    async def add_dead_letters(self, rows: Sequence[tuple[str, str, str, bytes]]) -> None:
+        """Keep refused messages: (topic, reason, detail, first KiB of payload)."""
+        await self._conn.execute(
+            QUERIES["add_dead_letters"],
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3][:1024] for r in rows],
+        )
+
+    async def trim_dead_letters(self, keep: int) -> None:
+        """Delete all but the newest `keep` dead letters."""
+        await self._conn.execute(QUERIES["trim_dead_letters"], keep)
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        """Return dead letters kept, by reason."""
+        rows = await self._conn.fetch(QUERIES["dead_letter_counts"])
+        return {r["reason"]: r["n"] for r in rows}
+
+    async def create_campaign(
+        self,
+        *,
+        name: str,
+        groups: Sequence[str],
+        package_ids: Sequence[int],
+        wave_bucket_his: Sequence[int],
+        success_threshold: float,
+        failure_threshold: float,
+    ) -> int:
+        """Create a draft campaign with its groups, ordered packages and waves."""
+        campaign_id: int = await self._conn.fetchval(
+            QUERIES["create_campaign"], name, success_threshold, failure_threshold
+        )
+        await self._conn.execute(QUERIES["add_campaign_groups"], campaign_id, list(groups))
+        await self._conn.execute(QUERIES["add_campaign_packages"], campaign_id, list(package_ids))
+        await self._conn.execute(QUERIES["add_campaign_waves"], campaign_id, list(wave_bucket_his))
+        return campaign_id
+
+    async def campaign_by_name(self, name: str) -> int | None:
+        """Return a campaign's id by name."""
+        campaign_id: int | None = await self._conn.fetchval(QUERIES["campaign_by_name"], name)
+        return campaign_id
+
+    async def start_campaign(self, campaign_id: int) -> tuple[bool, int]:
+        """Start a draft campaign: (whether it started, executions created)."""
+        row = await self._conn.fetchrow(QUERIES["start_campaign"], campaign_id)
+        assert row is not None
+        return row["started"], row["n"]
+
+    async def set_control(
+        self, campaign_id: int, control: str, reason: str | None, from_controls: Sequence[str]
+    ) -> int | None:
+        """Change a campaign's control; return the new desired revision, None if refused."""
+        revision: int | None = await self._conn.fetchval(
+            QUERIES["set_control"], campaign_id, control, reason, list(from_controls)
+        )
+        return revision
+
+    async def cancel_pending_executions(self, campaign_id: int) -> None:
+        """Cancel executions whose terminals have not started."""
+        await self._conn.execute(QUERIES["cancel_pending_executions"], campaign_id)
+
+    async def open_wave(self, campaign_id: int, wave: int) -> int | None:
+        """Open `wave` if `wave - 1` is current; return the new revision, None if refused."""
+        revision: int | None = await self._conn.fetchval(QUERIES["open_wave"], campaign_id, wave)
+        if revision is not None:
+            await self._conn.execute(QUERIES["mark_wave_opened"], campaign_id, wave)
+        return revision
+
+    async def live_campaigns(self) -> list[LiveCampaign]:
+        """Return every campaign past draft."""
+        rows = await self._conn.fetch(QUERIES["live_campaigns"])
+        return [LiveCampaign(**dict(r)) for r in rows]
+
+    async def campaign(self, campaign_id: int) -> asyncpg.Record | None:
+        """Return a campaign row."""
+        return await self._conn.fetchrow(QUERIES["campaign"], campaign_id)
+
+    async def campaign_desired(self, campaign_id: int) -> DesiredSource | None:
+        """Return what the campaign's desired-state message is made of."""
+        row = await self._conn.fetchrow(QUERIES["campaign_desired"], campaign_id)
+        if row is None:
+            return None
+        return DesiredSource(
+            campaign_id=row["id"],
+            control=row["control"],
+            revision=row["desired_revision"],
+            bucket_hi=row["bucket_hi"],
+            groups=list(row["groups"]),
+            packages=json.loads(row["packages"]) if row["packages"] else [],
+        )
+
+    async def wave_counts(self, campaign_id: int) -> list[WaveRow]:
+        """Return execution counts per wave and state."""
+        rows = await self._conn.fetch(QUERIES["wave_counts"], campaign_id)
+        return [WaveRow(**dict(r)) for r in rows]
+
+    async def log_campaign(
+        self, campaign_id: int, actor: str, action: str, detail: dict[str, Any]
+    ) -> None:
+        """Record an operator action or automatic decision."""
+        await self._conn.execute(
+            QUERIES["log_campaign"], campaign_id, actor, action, json.dumps(detail)
+        )
+
+    async def campaign_log(self, campaign_id: int) -> list[asyncpg.Record]:
+        """Return a campaign's log, oldest first."""
+        return await self._conn.fetch(QUERIES["campaign_log"], campaign_id)
+
+    async def execution_states(self, campaign_id: int) -> dict[str, tuple[str, str | None]]:
+        """Return terminal id -> (state, error code) for a campaign."""
+        rows = await self._conn.fetch(QUERIES["execution_states"], campaign_id)
+        return {r["terminal_id"]: (r["state"], r["error_code"]) for r in rows}
+
+
+class Repository:
+    """A pool of connections handing out `Queries`, with errors translated."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        """Wrap a pool."""
+        self._pool = pool
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Queries]:
+        """Run queries in one transaction; it commits when the block ends cleanly."""
+        with _translated():
+            async with self._pool.acquire() as conn, conn.transaction():
+                yield Queries(conn)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Queries]:
+        """Run queries in autocommit mode."""
+        with _translated():
+            async with self._pool.acquire() as conn:
+                yield Queries(conn)
+
+    async def close(self) -> None:
+        """Close the pool."""
+        await self._pool.close()
+
+
+class _translated:  # noqa: N801 - used like a function, as a context manager
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, _tb: object
+    ) -> None:
+        if isinstance(exc, asyncpg.UniqueViolationError):
+            raise DuplicateError(constraint=exc.constraint_name or "") from exc
+        if isinstance(exc, asyncpg.PostgresConnectionError | ConnectionError | OSError):
+            raise DatabaseUnavailableError(str(exc)) from exc
+        if isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc):
+            raise DatabaseUnavailableError(str(exc)) from exc
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Every write here is acknowledged to a terminal afterwards; never trade durability.
+    await conn.execute("SET synchronous_commit = on")
+
+
+async def connect(dsn: str, *, pool_size: int = 8, check_schema: bool = True) -> Repository:
+    """Open a pool and, unless told not to, refuse a database at the wrong schema version.
+
+    Raises:
+        SchemaVersionError: the database is not at `SCHEMA_VERSION` (run ``fleet migrate``).
+        DatabaseUnavailableError: the database cannot be reached.
+    """
+    try:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size, init=_init_connection)
+    except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError) as exc:
+        raise DatabaseUnavailableError(str(exc)) from exc
+    if check_schema:
+        async with pool.acquire() as conn:
+            found = await applied_version(conn)
+        if found != SCHEMA_VERSION:
+            await pool.close()
+            raise SchemaVersionError(expected=SCHEMA_VERSION, found=found)
+    return Repository(pool)

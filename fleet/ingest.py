@@ -1,0 +1,322 @@
+"""Ingest: terminal messages from the MQTT session into PostgreSQL, acked after commit.
+
+A batch is whatever arrived within ``ingest_batch_wait_ms`` (at most ``ingest_batch_max``
+messages). It is validated, written in one transaction (state events idempotently on their
+message id, heartbeats by COPY with last-seen coalesced per terminal, presence, hello,
+dead letters) and only then acknowledged. If the database is away, the batch is retried
+with backoff and nothing is acknowledged, so the broker keeps the messages.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from fleet import metrics
+from fleet.db.repository import HeartbeatRow, Queries, Repository
+from fleet.errors import DatabaseUnavailableError
+from fleet.mqtt import Incoming
+from fleet.protocol import (
+    Heartbeat,
+    Hello,
+    MessageKind,
+    Presence,
+    ProtocolError,
+    RejectReason,
+    StateEvent,
+    TerminalMessage,
+    decode,
+    terminal_topic,
+)
+
+logger = logging.getLogger(__name__)
+
+_MAX_BACKOFF_S = 10.0
+
+
+class Acker(Protocol):
+    """Acknowledges a received message once its effects are durable."""
+
+    def ack(self, message: Incoming) -> None:
+        """Send the PUBACK for `message`."""
+
+
+HelloHook = Callable[[str, list[str]], Awaitable[None]]
+
+
+@dataclass
+class _Batch:
+    """One batch, sorted by kind; `refused` holds (topic, reason, detail, payload)."""
+
+    events: list[StateEvent] = field(default_factory=list)
+    heartbeats: list[Heartbeat] = field(default_factory=list)
+    presence: list[Presence] = field(default_factory=list)
+    hellos: list[Hello] = field(default_factory=list)
+    refused: list[tuple[str, str, str, bytes]] = field(default_factory=list)
+
+    def refuse(self, topic: str, reason: RejectReason, detail: str, payload: bytes) -> None:
+        metrics.INGEST_REJECTED.labels(reason.value).inc()
+        self.refused.append((topic, reason.value, detail, payload))
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What a written batch did; the groups of terminals that said hello."""
+
+    hello_groups: dict[str, list[str]]
+
+
+class Ingest:
+    """Consumes the session's inbox; one batch in flight at a time, in arrival order."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        acker: Acker,
+        *,
+        batch_max: int,
+        batch_wait_s: float,
+        on_hello: HelloHook | None = None,
+    ) -> None:
+        """Wire ingest to the repository and to the session that acks."""
+        self._repo = repo
+        self._acker = acker
+        self._batch_max = batch_max
+        self._batch_wait_s = batch_wait_s
+        self._on_hello = on_hello
+
+    async def run(self, inbox: asyncio.Queue[Incoming], stop: asyncio.Event) -> None:
+        """Take batches from `inbox` until `stop` is set and the inbox is drained."""
+        while True:
+            batch = await self._take(inbox, stop)
+            if batch is None:
+                return
+            metrics.INGEST_QUEUE_DEPTH.set(inbox.qsize())
+            result = await self._write_until_done(batch, stop)
+            if result is None:
+                return
+            for message in batch:
+                self._acker.ack(message)
+            if self._on_hello is not None:
+                for tid, groups in result.hello_groups.items():
+                    await self._on_hello(tid, groups)
+
+    async def _take(
+        self, inbox: asyncio.Queue[Incoming], stop: asyncio.Event
+    ) -> list[Incoming] | None:
+        first = await _get_or_stop(inbox, stop)
+        if first is None:
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self._batch_wait_s
+        while len(batch) < self._batch_max:
+            try:
+                batch.append(inbox.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    batch.append(await inbox.get())
+            except TimeoutError:
+                break
+        return batch
+
+    async def _write_until_done(
+        self, messages: list[Incoming], stop: asyncio.Event
+    ) -> BatchResult | None:
+        backoff = 0.1
+        while True:
+            try:
+                return await self.write(messages)
+            except DatabaseUnavailableError as exc:
+                metrics.DB_BATCH_RETRIES.inc()
+                logger.warning(
+                    "database unavailable, batch of %d kept un-acked: %s",
+                    len(messages),
+                    exc,
+                    extra={"action": "ingest_retry"},
+                )
+                try:
+                    async with asyncio.timeout(backoff):
+                        await stop.wait()
+                except TimeoutError:
+                    backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                    continue
+                # Stopping: leave the batch un-acked; the broker redelivers it next time.
+                return None
+
+    async def write(self, messages: list[Incoming]) -> BatchResult:
+        """Validate and store one batch in one transaction; ack nothing."""
+        batch = _sort(messages)
+        started = time.perf_counter()
+        hello_groups: dict[str, list[str]] = {}
+        async with self._repo.transaction() as q:
+            await self._write_events(q, batch)
+            await self._write_heartbeats(q, batch)
+            await self._write_presence(q, batch)
+            for hello in batch.hellos:
+                groups = await q.record_hello(
+                    terminal_id=hello.tid,
+                    model=hello.model,
+                    versions=hello.versions,
+                    merchant_id=hello.merchant_id,
+                    timezone=hello.timezone,
+                    attributes=hello.attributes,
+                    boot_id=hello.boot_id,
+                )
+                if groups is None:
+                    batch.refuse(
+                        _topic_of(hello), RejectReason.UNKNOWN_TERMINAL, hello.tid, hello.to_bytes()
+                    )
+                else:
+                    hello_groups[hello.tid] = groups
+            if batch.refused:
+                await q.add_dead_letters(batch.refused)
+        metrics.DB_BATCH_SECONDS.observe(time.perf_counter() - started)
+        return BatchResult(hello_groups=hello_groups)
+
+    async def _write_events(self, q: Queries, batch: _Batch) -> None:
+        for event in batch.events:
+            outcome = await q.record_event(
+                msg_id=event.msg_id,
+                terminal_id=event.tid,
+                campaign_id=event.campaign_id,
+                seq=event.seq,
+                state=event.state.value,
+                progress=event.progress,
+                stage=event.stage,
+                error_code=event.error_code,
+                detail=event.detail,
+                device_ts=event.ts,
+            )
+            if not outcome.known:
+                batch.refuse(
+                    _topic_of(event),
+                    RejectReason.UNKNOWN_EXECUTION,
+                    f"{event.tid} has no execution in campaign {event.campaign_id}",
+                    event.to_bytes(),
+                )
+            elif not outcome.inserted:
+                metrics.EVENT_DUPLICATES.inc()
+            elif outcome.moved:
+                metrics.UPDATE_TRANSITIONS.labels(event.state.value).inc()
+            else:
+                metrics.EVENT_NOT_APPLIED.inc()
+
+    async def _write_heartbeats(self, q: Queries, batch: _Batch) -> None:
+        if not batch.heartbeats:
+            return
+        received = datetime.now(UTC)
+        latest: dict[str, Heartbeat] = {}
+        for hb in batch.heartbeats:
+            if hb.tid not in latest or hb.ts >= latest[hb.tid].ts:
+                latest[hb.tid] = hb
+        known = await q.touch_terminals(
+            list(latest),
+            [received] * len(latest),
+            [json.dumps(hb.versions) for hb in latest.values()],
+        )
+        rows = []
+        for hb in batch.heartbeats:
+            if hb.tid not in known:
+                batch.refuse(_topic_of(hb), RejectReason.UNKNOWN_TERMINAL, hb.tid, hb.to_bytes())
+                continue
+            rows.append(
+                HeartbeatRow(
+                    terminal_id=hb.tid,
+                    received_at=received,
+                    device_ts=datetime.fromtimestamp(hb.ts, UTC),
+                    versions=json.dumps(hb.versions),
+                    battery_pct=hb.battery_pct,
+                    storage_free_mb=hb.storage_free_mb,
+                    busy=hb.busy,
+                    health=json.dumps(hb.health),
+                )
+            )
+        if rows:
+            await q.copy_heartbeats(rows)
+
+    async def _write_presence(self, q: Queries, batch: _Batch) -> None:
+        if not batch.presence:
+            return
+        known = await q.set_presence(
+            [p.tid for p in batch.presence], [p.online for p in batch.presence]
+        )
+        for p in batch.presence:
+            if p.tid not in known:
+                batch.refuse(_topic_of(p), RejectReason.UNKNOWN_TERMINAL, p.tid, p.to_bytes())
+
+
+def _sort(messages: list[Incoming]) -> _Batch:
+    batch = _Batch()
+    for message in messages:
+        try:
+            decoded: TerminalMessage = decode(message.topic, message.payload)
+        except ProtocolError as exc:
+            batch.refuse(message.topic, exc.reason, exc.detail, message.payload)
+            logger.info(
+                "refused message on %s: %s",
+                message.topic,
+                exc,
+                extra={"action": "message_refused"},
+            )
+            continue
+        match decoded:
+            case StateEvent():
+                metrics.INGEST_MESSAGES.labels("events").inc()
+                batch.events.append(decoded)
+            case Heartbeat():
+                metrics.INGEST_MESSAGES.labels("heartbeat").inc()
+                batch.heartbeats.append(decoded)
+            case Presence():
+                metrics.INGEST_MESSAGES.labels("presence").inc()
+                batch.presence.append(decoded)
+            case Hello():
+                metrics.INGEST_MESSAGES.labels("hello").inc()
+                batch.hellos.append(decoded)
+    return batch
+
+
+_KIND_OF = {
+    StateEvent: MessageKind.EVENTS,
+    Heartbeat: MessageKind.HEARTBEAT,
+    Presence: MessageKind.PRESENCE,
+    Hello: MessageKind.HELLO,
+}
+
+
+def _topic_of(message: TerminalMessage) -> str:
+    return terminal_topic(message.tid, _KIND_OF[type(message)])
+
+
+async def _get_or_stop(inbox: asyncio.Queue[Incoming], stop: asyncio.Event) -> Incoming | None:
+    """Wait for the next message; None once `stop` is set.
+
+    Messages still in the inbox at a stop are simply not acknowledged: the broker keeps
+    them in the session and delivers them again to the next controller.
+    """
+    if stop.is_set():
+        return None
+    try:
+        return inbox.get_nowait()
+    except asyncio.QueueEmpty:
+        pass
+    getter = asyncio.ensure_future(inbox.get())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not getter.done():
+            getter.cancel()
+    if getter.done() and not getter.cancelled():
+        return getter.result()
+    return None

@@ -1,0 +1,91 @@
+"""The controller's settings: one frozen object, read once at start-up, passed down.
+
+Every field has a default and a description; `python -m fleet --help` lists each with its
+environment variable (``FLEET_`` + the upper-cased field name). Nothing below
+`fleet.__main__` reads the environment.
+"""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class FleetSettings(BaseSettings):
+    """Everything the controller, the CLI and the demo can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_", frozen=True, extra="forbid")
+
+    database_url: str = Field(
+        "postgresql://fleet@127.0.0.1:5432/fleet",
+        description="PostgreSQL DSN of the fleet database.",
+    )
+    db_pool_size: int = Field(8, ge=2, description="Connections in the database pool.")
+
+    mqtt_host: str = Field("127.0.0.1", description="MQTT broker host.")
+    mqtt_port: int = Field(1883, description="MQTT broker port.")
+    mqtt_username: str = Field("controller", description="The controller's broker identity.")
+    mqtt_password: str = Field("controller", description="The controller's broker password.")
+    mqtt_client_id: str = Field(
+        "fleet-controller",
+        description="Stable client id of the ingest session; a restart resumes its queue.",
+    )
+    mqtt_session_expiry_s: int = Field(
+        86_400,
+        ge=0,
+        description="How long the broker keeps the ingest session (and its queue) while the "
+        "controller is away.",
+    )
+    mqtt_receive_max: int = Field(
+        1000,
+        ge=1,
+        le=65_535,
+        description="Un-acknowledged QoS1 messages the broker may have in flight to ingest: "
+        "the backpressure window.",
+    )
+    mqtt_keepalive_s: int = Field(30, ge=5, description="MQTT keep-alive of the controller.")
+
+    http_host: str = Field("127.0.0.1", description="Bind address of artifacts and metrics.")
+    http_port: int = Field(8080, description="Port of artifacts (/artifacts) and /metrics.")
+    artifact_dir: Path = Field(
+        Path("var/artifacts"), description="Where package files are stored by sha256."
+    )
+    artifact_base_url: str = Field(
+        "http://127.0.0.1:8080",
+        description="Base URL terminals download from; desired states carry "
+        "{base}/artifacts/{sha256}.",
+    )
+
+    ingest_batch_max: int = Field(
+        500, ge=1, description="Messages per database transaction at most."
+    )
+    ingest_batch_wait_ms: int = Field(
+        20, ge=0, description="How long a partial batch waits for more messages."
+    )
+    ingest_queue_max: int = Field(
+        2000,
+        ge=1,
+        description="Messages received but not yet written; when full, the MQTT thread "
+        "blocks and the broker's flow control holds the rest.",
+    )
+    dead_letter_max_rows: int = Field(
+        10_000, ge=100, description="Dead letters kept; older ones are trimmed."
+    )
+    heartbeat_partition_days_ahead: int = Field(
+        3, ge=1, description="Daily heartbeat partitions created ahead of time."
+    )
+
+    campaign_tick_s: float = Field(
+        1.0, gt=0, description="How often the campaign runner re-evaluates running campaigns."
+    )
+    command_expiry_s: int = Field(
+        3600, ge=1, description="MQTT message expiry of per-terminal commands."
+    )
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="How long in-flight work may finish after a stop signal."
+    )
+    terminal_secret: str = Field(
+        "demo-provisioning-secret",
+        description="Key from which provisioned terminals' broker passwords are derived "
+        "(HMAC-SHA256 of the terminal id). Change it in production.",
+    )

@@ -1,0 +1,109 @@
+"""The terminal update state machine, as data.
+
+One execution is one terminal's part in one campaign. Terminals report the states in
+`REPORTABLE`; the controller alone sets `pending`, `timed_out`, `canceled` and
+`unreachable`. `ALLOWED` is also loaded into the database (table `state_transitions`,
+checked against this module by a test), and every state change goes through a guarded
+UPDATE that consults that table, so a replayed or reordered event cannot move an
+execution backwards even if Python were bypassed.
+
+DO NOT CHANGE the string values: they are on the wire and in the database.
+"""
+
+from enum import StrEnum
+
+
+class ExecState(StrEnum):
+    """Every state an execution can be in."""
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    DEFERRED = "deferred"
+    DOWNLOADING = "downloading"
+    DOWNLOADED = "downloaded"
+    VERIFYING = "verifying"
+    VERIFIED = "verified"
+    BACKING_UP = "backing_up"
+    INSTALLING = "installing"
+    REBOOTING = "rebooting"
+    SELF_TESTING = "self_testing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+    REJECTED = "rejected"
+    ALREADY_INSTALLED = "already_installed"
+    TIMED_OUT = "timed_out"
+    CANCELED = "canceled"
+    UNREACHABLE = "unreachable"
+
+
+S = ExecState
+
+FINAL: frozenset[ExecState] = frozenset(
+    {
+        S.SUCCEEDED,
+        S.FAILED,
+        S.ROLLED_BACK,
+        S.REJECTED,
+        S.ALREADY_INSTALLED,
+        S.TIMED_OUT,
+        S.CANCELED,
+    }
+)
+
+#: Final states that count as the update having reached its goal.
+SUCCESS: frozenset[ExecState] = frozenset({S.SUCCEEDED, S.ALREADY_INSTALLED})
+
+#: Final states that count toward a campaign's failure threshold.
+FAILURE: frozenset[ExecState] = frozenset({S.FAILED, S.ROLLED_BACK, S.REJECTED, S.TIMED_OUT})
+
+#: States only the controller may set; a terminal reporting one is refused.
+CONTROLLER_ONLY: frozenset[ExecState] = frozenset(
+    {S.PENDING, S.TIMED_OUT, S.CANCELED, S.UNREACHABLE}
+)
+
+REPORTABLE: frozenset[ExecState] = frozenset(ExecState) - CONTROLLER_ONLY
+
+_ABORTS = frozenset({S.FAILED, S.TIMED_OUT, S.UNREACHABLE})
+_CANCELABLE = frozenset({S.CANCELED})
+
+#: from-state -> the states it may move to. A state listed as its own successor accepts
+#: repeated reports (progress updates); any other repeat is a no-op refused by the guard.
+ALLOWED: dict[ExecState, frozenset[ExecState]] = {
+    S.PENDING: frozenset({S.QUEUED, S.DEFERRED, S.DOWNLOADING, S.REJECTED, S.ALREADY_INSTALLED})
+    | _ABORTS
+    | _CANCELABLE,
+    S.QUEUED: frozenset({S.DEFERRED, S.DOWNLOADING, S.REJECTED, S.ALREADY_INSTALLED})
+    | _ABORTS
+    | _CANCELABLE,
+    S.DEFERRED: frozenset({S.DEFERRED, S.QUEUED, S.DOWNLOADING}) | _ABORTS | _CANCELABLE,
+    # downloading -> downloading carries progress; downloaded/verified -> downloading is
+    # the next package of an ordered bundle.
+    S.DOWNLOADING: frozenset({S.DOWNLOADING, S.DOWNLOADED}) | _ABORTS | _CANCELABLE,
+    S.DOWNLOADED: frozenset({S.VERIFYING, S.DOWNLOADING}) | _ABORTS | _CANCELABLE,
+    S.VERIFYING: frozenset({S.VERIFIED, S.REJECTED}) | _ABORTS,
+    S.VERIFIED: frozenset({S.DOWNLOADING, S.BACKING_UP}) | _ABORTS | _CANCELABLE,
+    S.BACKING_UP: frozenset({S.INSTALLING}) | _ABORTS,
+    S.INSTALLING: frozenset({S.REBOOTING, S.ROLLED_BACK}) | _ABORTS,
+    S.REBOOTING: frozenset({S.SELF_TESTING, S.ROLLED_BACK}) | _ABORTS,
+    S.SELF_TESTING: frozenset({S.SUCCEEDED, S.ROLLED_BACK}) | _ABORTS,
+    # A terminal that comes back reports where it is; it resumes from there.
+    S.UNREACHABLE: REPORTABLE | frozenset({S.TIMED_OUT, S.CANCELED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.ROLLED_BACK: frozenset(),
+    S.REJECTED: frozenset(),
+    S.ALREADY_INSTALLED: frozenset(),
+    S.TIMED_OUT: frozenset(),
+    S.CANCELED: frozenset(),
+}
+
+
+def can_move(current: ExecState, new: ExecState) -> bool:
+    """Tell whether an execution in `current` may move to `new`."""
+    return new in ALLOWED[current]
+
+
+def transition_pairs() -> list[tuple[str, str]]:
+    """Every allowed (from, to) pair, sorted: the content of table `state_transitions`."""
+    return sorted((src.value, dst.value) for src, dsts in ALLOWED.items() for dst in dsts)
