@@ -1,0 +1,179 @@
+"""End to end: real Mosquitto, real PostgreSQL, the controller and simulated terminals."""
+
+from collections import Counter
+from pathlib import Path
+
+from device_sim.config import Faults
+from device_sim.fleet import Simulator
+from fleet import campaigns
+from fleet.db import Repository
+from fleet.embedded import Mosquitto
+from fleet.states import FINAL
+from tests.stack import Stack, make_settings, running, sim_config, terminal_ids
+
+
+async def _db_states(repo: Repository, campaign_id: int) -> dict[str, str]:
+    async with repo.connection() as q:
+        return {tid: state for tid, (state, _) in (await q.execution_states(campaign_id)).items()}
+
+
+async def _wait_status(repo: Repository, campaign_id: int, wanted: set[str], timeout: float) -> str:
+    """Wait (on the runner's own progress, polled) until the campaign's status is wanted."""
+    import asyncio
+
+    async with asyncio.timeout(timeout):
+        while True:
+            status = await campaigns.campaign_status(repo, campaign_id)
+            if status.status in wanted:
+                return status.status
+            await asyncio.sleep(0.1)
+
+
+async def test_small_rollout_completes_and_db_matches_terminals(
+    broker: Mosquitto, repo: Repository, database_url: str, tmp_path: Path
+) -> None:
+    stack = Stack(make_settings(broker, database_url, tmp_path), repo, tmp_path)
+    ids = terminal_ids(20)
+    await stack.provision(ids, {"g1": ids})
+    await stack.add_package("os", "2.0.0", ["P400"])
+    await stack.start_controller()
+    try:
+        simulator = Simulator(sim_config(broker, 20, ["g1"]))
+        async with running(simulator):
+            await simulator.wait_connected(timeout_s=30)
+            campaign_id = await stack.campaign(["g1"], ("os", "2.0.0"), waves=[50, 100])
+            records = await simulator.wait_final(campaign_id, 20, timeout_s=60)
+            assert await _wait_status(repo, campaign_id, {"completed"}, 30) == "completed"
+        db = await _db_states(repo, campaign_id)
+        assert db == {r.tid: r.final_state.value for r in records if r.final_state}
+        assert Counter(db.values()) == {"succeeded": 20}
+    finally:
+        await stack.stop_controller()
+
+
+async def _eventually(check, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Poll an async check until it holds; bounded, for state only the database shows."""
+    import asyncio
+
+    try:
+        async with asyncio.timeout(timeout):
+            while not await check():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def test_failures_above_threshold_pause_before_the_last_wave(
+    broker: Mosquitto, repo: Repository, database_url: str, tmp_path: Path
+) -> None:
+    count = 300
+    stack = Stack(make_settings(broker, database_url, tmp_path), repo, tmp_path)
+    ids = terminal_ids(count)
+    await stack.provision(ids, {"north": ids[0::2], "south": ids[1::2]})
+    await stack.add_package("os", "2.0.0", ["P400"])
+    await stack.start_controller()
+    try:
+        faults = Faults(self_test_fail_rate=0.5)
+        simulator = Simulator(sim_config(broker, count, ["north", "south"], faults=faults))
+        async with running(simulator):
+            await simulator.wait_connected(timeout_s=60)
+            campaign_id = await stack.campaign(
+                ["north", "south"], ("os", "2.0.0"), waves=[10, 50, 100], failure_threshold=0.2
+            )
+            assert await _wait_status(repo, campaign_id, {"paused", "completed"}, 60) == "paused"
+            status = await campaigns.campaign_status(repo, campaign_id)
+            assert status.current_wave < 3, "paused only after the last wave had opened"
+            # Terminals already under way finish; nobody new starts.
+            started = simulator.records()
+            await simulator.wait_final(campaign_id, len(started), timeout_s=60)
+
+            async def db_caught_up() -> bool:
+                db = await _db_states(repo, campaign_id)
+                return all(db[r.tid] == r.final_state for r in simulator.campaign_records(campaign_id))
+
+            await _eventually(db_caught_up, what="database to reflect every terminal")
+        db = await _db_states(repo, campaign_id)
+        records = {r.tid: r for r in simulator.campaign_records(campaign_id)}
+        assert len(simulator.records()) == len(records), "a terminal started twice"
+        assert set(db) == set(ids)
+        final_values = {s.value for s in FINAL}
+        for tid, state in db.items():
+            if tid in records:
+                assert state == records[tid].final_state.value  # type: ignore[union-attr]
+                finals_sent = [e for e in records[tid].events if e.state.value in final_values]
+                assert len(finals_sent) == 1, f"{tid} reported {len(finals_sent)} final states"
+                assert records[tid].data_intact, f"{tid} lost local data"
+            else:
+                assert state == "pending", f"{tid} never started but is {state}"
+        wave3 = [w for w in status.waves if w.wave == 3][0]
+        assert wave3.counts == {"pending": wave3.size}
+        assert Counter(db.values())["rolled_back"] > 0
+        async with repo.connection() as q:
+            log = await q.campaign_log(campaign_id)
+        paused = [row for row in log if row["action"] == "paused_on_failures"]
+        assert len(paused) == 1
+    finally:
+        await stack.stop_controller()
+
+
+async def test_controller_killed_mid_campaign_loses_and_duplicates_nothing(
+    broker: Mosquitto, repo: Repository, database_url: str, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from device_sim.config import Timing
+
+    count = 120
+    stack = Stack(make_settings(broker, database_url, tmp_path), repo, tmp_path)
+    ids = terminal_ids(count)
+    await stack.provision(ids, {"g1": ids})
+    await stack.add_package("os", "2.0.0", ["P400"])
+    # Slow enough that the kill lands mid-campaign; downloads retry through the outage.
+    timing = Timing(
+        heartbeat_s=1.0,
+        download_bps=2_000_000,
+        install_s=0.3,
+        reboot_s=0.2,
+        self_test_s=0.1,
+        download_retry_s=0.2,
+        reconnect_max_s=1.0,
+    )
+    faults = Faults(self_test_fail_rate=0.05, max_download_attempts=100)
+    stack.spawn_controller()
+    simulator = Simulator(sim_config(broker, count, ["g1"], faults=faults, timing=timing))
+    try:
+        async with running(simulator):
+            await simulator.wait_connected(timeout_s=60)
+            campaign_id = await stack.campaign(
+                ["g1"], ("os", "2.0.0"), waves=[20, 60, 100], failure_threshold=0.5,
+                success_threshold=0.5,
+            )
+
+            async def some_final() -> bool:
+                db = await _db_states(repo, campaign_id)
+                return sum(s in {f.value for f in FINAL} for s in db.values()) >= 15
+
+            await _eventually(some_final, what="the first executions to finish")
+            stack.kill_controller_process()
+            settled_while_dead = len([r for r in simulator.records() if r.settled])
+            await asyncio.sleep(0)  # the fleet carries on without a controller
+            stack.spawn_controller()
+            assert await _wait_status(repo, campaign_id, {"completed"}, 120) == "completed"
+            await simulator.wait_final(campaign_id, count, timeout_s=60)
+        assert stack.terminate_controller_process() == 0
+        sent = [e.msg_id for r in simulator.records() for e in r.events]
+        conn_rows = await _stored_events(repo)
+        assert len(sent) == len(set(sent))
+        assert sorted(conn_rows) == sorted(sent), "an event was lost or stored twice"
+        db = await _db_states(repo, campaign_id)
+        assert db == {r.tid: r.final_state.value for r in simulator.campaign_records(campaign_id)}  # type: ignore[union-attr]
+        assert settled_while_dead < count
+    finally:
+        if stack._process is not None:
+            stack.kill_controller_process()
+
+
+async def _stored_events(repo: Repository) -> list[str]:
+    async with repo.connection() as q:
+        rows = await q._conn.fetch("SELECT msg_id FROM update_events")
+    return [r["msg_id"] for r in rows]

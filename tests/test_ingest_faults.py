@@ -1,0 +1,120 @@
+"""Hostile and broken input through the real broker: refused, counted, nothing else lost."""
+
+import asyncio
+import json
+from pathlib import Path
+
+from prometheus_client import REGISTRY
+
+from fleet.db import Repository
+from fleet.embedded import Mosquitto
+from fleet.protocol import (
+    MAX_PAYLOAD_BYTES,
+    MessageKind,
+    StateEvent,
+    derive_terminal_password,
+    new_message_id,
+    terminal_topic,
+)
+from fleet.states import ExecState
+from tests.conftest import TERMINAL_SECRET
+from tests.mqtt_probe import Probe
+from tests.stack import Stack, make_settings
+
+NOT_AUTHORIZED = 0x87
+
+
+def _rejected(reason: str) -> float:
+    return REGISTRY.get_sample_value("fleet_ingest_rejected_total", {"reason": reason}) or 0.0
+
+
+def _duplicates() -> float:
+    return REGISTRY.get_sample_value("fleet_event_duplicates_total") or 0.0
+
+
+async def _eventually(check, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.05)
+
+
+def _event(tid: str, campaign_id: int, seq: int, state: ExecState, **extra: object) -> StateEvent:
+    return StateEvent(
+        msg_id=new_message_id(), tid=tid, seq=seq, campaign_id=campaign_id, state=state, ts=1.0,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+async def test_spoofed_malformed_oversized_and_replayed_input(
+    broker: Mosquitto, repo: Repository, database_url: str, tmp_path: Path
+) -> None:
+    stack = Stack(make_settings(broker, database_url, tmp_path), repo, tmp_path)
+    await stack.provision(["T1", "T2"], {"g": ["T1", "T2"]})
+    await stack.add_package("os", "2.0.0", ["P400"])
+    campaign_id = await stack.campaign(["g"], ("os", "2.0.0"), waves=[100])
+    await stack.start_controller()
+    before = {r: _rejected(r) for r in ("malformed", "too_large", "tid_mismatch", "invalid")}
+    duplicates_before = _duplicates()
+    probe = Probe(broker.host, broker.port, "T1", derive_terminal_password(TERMINAL_SECRET, "T1"))
+    try:
+        await asyncio.to_thread(probe.connect)
+        own = terminal_topic("T1", MessageKind.EVENTS)
+        publish = lambda topic, payload: asyncio.to_thread(probe.publish, topic, payload)  # noqa: E731
+
+        # Under another terminal's id: the broker refuses it (MQTT 5 reason 0x87).
+        spoof = _event("T2", campaign_id, 1, ExecState.QUEUED)
+        code = await publish(terminal_topic("T2", MessageKind.EVENTS), spoof.to_bytes())
+        assert code.value == NOT_AUTHORIZED
+        # On its own topic but claiming to be T2: ingest refuses it.
+        await publish(own, spoof.to_bytes())
+        await publish(own, b"{this is not json")
+        await publish(own, b'{"v": 1, "tid": "T1"}')
+        await publish(own, json.dumps({"v": 1, "pad": "x" * MAX_PAYLOAD_BYTES}).encode())
+        first = _event("T1", campaign_id, 1, ExecState.QUEUED)
+        await publish(own, first.to_bytes())
+        await publish(own, first.to_bytes())  # replayed
+        second = _event("T1", campaign_id, 2, ExecState.DOWNLOADING, progress=10)
+        await publish(own, second.to_bytes())
+
+        async def stored() -> bool:
+            async with repo.connection() as q:
+                states = await q.execution_states(campaign_id)
+                dead = await q.dead_letter_counts()
+            return states["T1"][0] == "downloading" and sum(dead.values()) >= 4
+
+        await _eventually(stored)
+        async with repo.connection() as q:
+            dead = await q.dead_letter_counts()
+            events = await q._conn.fetch("SELECT msg_id, terminal_id FROM update_events")
+            states = await q.execution_states(campaign_id)
+        assert dead == {"invalid": 1, "malformed": 1, "tid_mismatch": 1, "too_large": 1}
+        assert sorted(r["msg_id"] for r in events) == sorted([first.msg_id, second.msg_id])
+        assert states["T2"][0] == "pending", "the spoofed event moved T2"
+        for reason in before:
+            assert _rejected(reason) == before[reason] + 1, reason
+
+        async def duplicate_counted() -> bool:
+            return _duplicates() == duplicates_before + 1
+
+        await _eventually(duplicate_counted)
+
+        # Larger than the broker's packet limit: the broker drops the connection.
+        probe.client.publish(own, b"x" * 20_000, qos=1)
+        await asyncio.to_thread(probe.wait_disconnected)
+    finally:
+        await asyncio.to_thread(probe.close)
+    # Ingest kept running: a fresh terminal connection is still served.
+    probe = Probe(broker.host, broker.port, "T1", derive_terminal_password(TERMINAL_SECRET, "T1"))
+    try:
+        await asyncio.to_thread(probe.connect)
+        third = _event("T1", campaign_id, 3, ExecState.DOWNLOADED)
+        await asyncio.to_thread(probe.publish, own, third.to_bytes())
+
+        async def moved() -> bool:
+            async with repo.connection() as q:
+                return (await q.execution_states(campaign_id))["T1"][0] == "downloaded"
+
+        await _eventually(moved)
+    finally:
+        await asyncio.to_thread(probe.close)
+        await stack.stop_controller()
