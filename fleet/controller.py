@@ -80,6 +80,7 @@ async def _supervise(
         settings.http_port,
         ArtifactStore(settings.artifact_dir),
         health=session.connected.is_set,
+        grace_s=settings.shutdown_grace_s,
     )
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(ingest.run(inbox, stop), name="ingest")

@@ -76,7 +76,7 @@ class MqttSession:
         self.connected = asyncio.Event()
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=client_id or settings.mqtt_client_id,
+            client_id=client_id or settings.mqtt_username,
             protocol=paho.MQTTv5,
             manual_ack=True,
         )

@@ -24,12 +24,12 @@ class FleetSettings(BaseSettings):
 
     mqtt_host: str = Field("127.0.0.1", description="MQTT broker host.")
     mqtt_port: int = Field(1883, description="MQTT broker port.")
-    mqtt_username: str = Field("controller", description="The controller's broker identity.")
-    mqtt_password: str = Field("controller", description="The controller's broker password.")
-    mqtt_client_id: str = Field(
-        "fleet-controller",
-        description="Stable client id of the ingest session; a restart resumes its queue.",
+    mqtt_username: str = Field(
+        "controller",
+        description="The controller's broker identity; also its client id, so a restarted "
+        "controller resumes the same persistent session and its queue.",
     )
+    mqtt_password: str = Field("controller", description="The controller's broker password.")
     mqtt_session_expiry_s: int = Field(
         86_400,
         ge=0,
