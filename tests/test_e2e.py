@@ -177,3 +177,47 @@ async def _stored_events(repo: Repository) -> list[str]:
     async with repo.connection() as q:
         rows = await q._conn.fetch("SELECT msg_id FROM update_events")
     return [r["msg_id"] for r in rows]
+
+
+async def test_pause_holds_new_starts_resume_completes_cancel_ends_pending(
+    broker: Mosquitto, repo: Repository, database_url: str, tmp_path: Path
+) -> None:
+    count = 30
+    stack = Stack(make_settings(broker, database_url, tmp_path), repo, tmp_path)
+    ids = terminal_ids(count)
+    await stack.provision(ids, {"g1": ids[:20], "g2": ids[20:]})
+    await stack.add_package("os", "2.0.0", ["P400"])
+    await stack.start_controller()
+    try:
+        paused_id = await stack.campaign(["g1"], ("os", "2.0.0"), waves=[100], name="paused")
+        await campaigns.pause_campaign(repo, paused_id)
+        canceled_id = await stack.campaign(["g2"], ("os", "2.0.0"), waves=[100], name="doomed")
+        await campaigns.cancel_campaign(repo, canceled_id)
+        assert (await campaigns.campaign_status(repo, canceled_id)).status == "canceled"
+        # Terminals come online only now, and learn both desired states from retained messages.
+        simulator = Simulator(
+            sim_config(broker, count, ["g1"]).model_copy(
+                update={"group_map": {tid: ["g2"] for tid in ids[20:]}}
+            )
+        )
+        async with running(simulator):
+            await simulator.wait_connected(timeout_s=30)
+            # The groups command after each hello proves the controller has seen every
+            # terminal, and so the retained desired states have reached them.
+            await _eventually(lambda: _all_online(repo, count), what="every hello")
+            assert simulator.records() == []
+            assert Counter((await _db_states(repo, paused_id)).values()) == {"pending": 20}
+            await campaigns.resume_campaign(repo, paused_id)
+            records = await simulator.wait_final(paused_id, 20, timeout_s=60)
+            assert await _wait_status(repo, paused_id, {"completed"}, 30) == "completed"
+        assert {r.final_state for r in records} == {"succeeded"}
+        assert Counter((await _db_states(repo, canceled_id)).values()) == {"canceled": 10}
+        assert simulator.campaign_records(canceled_id) == []
+    finally:
+        await stack.stop_controller()
+
+
+async def _all_online(repo: Repository, count: int) -> bool:
+    async with repo.connection() as q:
+        online = await q._conn.fetchval("SELECT count(*) FROM terminals WHERE boot_id IS NOT NULL")
+    return bool(online == count)
