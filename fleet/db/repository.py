@@ -397,6 +397,19 @@ class Repository:
         await self._pool.close()
 
 
+# Failures that mean "the database is not there right now", as opposed to a refused query:
+# connection-class SQLSTATEs (08), operator intervention such as a shutdown (57), a dropped
+# connection, and the socket errors below them.
+_UNAVAILABLE = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.ConnectionDoesNotExistError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
 class _translated:  # noqa: N801 - used like a function, as a context manager
     def __enter__(self) -> None:
         return None
@@ -406,9 +419,9 @@ class _translated:  # noqa: N801 - used like a function, as a context manager
     ) -> None:
         if isinstance(exc, asyncpg.UniqueViolationError):
             raise DuplicateError(constraint=exc.constraint_name or "") from exc
-        if isinstance(exc, asyncpg.PostgresConnectionError | ConnectionError | OSError):
-            raise DatabaseUnavailableError(str(exc)) from exc
-        if isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc):
+        if isinstance(exc, _UNAVAILABLE):
+            raise DatabaseUnavailableError(str(exc) or type(exc).__name__) from exc
+        if isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc).lower():
             raise DatabaseUnavailableError(str(exc)) from exc
 
 
