@@ -1,0 +1,1 @@
+"""Simulated payment terminals: thousands in one asyncio process, speaking fleet/v1."""

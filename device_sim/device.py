@@ -1,0 +1,708 @@
+"""One simulated payment terminal: boot, heartbeats, commands and the update sequence.
+
+The terminal talks only through a `Link`, so the whole behaviour runs against an in-memory
+fake in unit tests. Its randomness comes from one `random.Random` seeded with the run's
+seed and the terminal id, so a run is reproducible terminal by terminal.
+"""
+
+import asyncio
+import collections
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from device_sim.config import SimConfig
+from device_sim.download import DownloadFailedError, DownloadPlan, download
+from device_sim.link import Link, LinkLostError
+from fleet import protocol
+from fleet.protocol import (
+    KIND_ORDER,
+    Command,
+    CommandKind,
+    DesiredState,
+    MessageKind,
+    PackageRef,
+    ProtocolError,
+)
+from fleet.states import ExecState
+
+logger = logging.getLogger(__name__)
+
+S = ExecState
+_QUEUE_MAX = 64
+_RECORDS_MAX = 256
+_CAMPAIGNS_MAX = 256
+_SEEN_COMMANDS_MAX = 128
+_PROGRESS_STEP = 25
+_CURRENCIES = ("EUR", "USD", "GBP", "CHF")
+
+Data = dict[str, Any]
+
+
+def checksum(data: Data) -> str:
+    """Return the SHA-256 of a data store's canonical JSON."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TerminalProfile:
+    """What a terminal is and holds when the simulator starts."""
+
+    tid: str
+    model: str
+    versions: dict[str, str]
+    groups: tuple[str, ...]
+    merchant_id: str
+    timezone: str
+    pending_txns: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def from_config(cls, config: SimConfig, index: int) -> "TerminalProfile":
+        """Derive terminal number `index` deterministically from the configuration."""
+        tid = config.terminal_id(index)
+        rng = random.Random(f"{config.seed}:{tid}:profile")
+        models = sorted(config.models)
+        model = rng.choices(models, weights=[config.models[m] for m in models])[0]
+        if tid in config.group_map:
+            groups = tuple(config.group_map[tid])
+        elif config.group_rule == "all":
+            groups = tuple(config.groups)
+        else:
+            groups = (config.groups[index % len(config.groups)],)
+        merchants = config.merchants or [f"M{index // 4:06d}"]
+        txns = tuple(
+            {
+                "id": f"{tid}-{n}",
+                "amount": rng.randint(100, 50_000),
+                "currency": rng.choice(_CURRENCIES),
+            }
+            for n in range(rng.randint(0, config.pending_txns_max))
+        )
+        return cls(
+            tid=tid,
+            model=model,
+            versions=dict(config.initial_versions),
+            groups=groups,
+            merchant_id=merchants[index % len(merchants)],
+            timezone=rng.choice(config.timezones) if config.timezones else "UTC",
+            pending_txns=txns,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SentEvent:
+    """One state event as the terminal published it."""
+
+    msg_id: str
+    seq: int
+    state: ExecState
+    ts: float
+    progress: int | None = None
+    stage: str | None = None
+    error_code: str | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class CampaignRecord:
+    """The simulator's own account of one attempt at one campaign on one terminal.
+
+    `final_state` is None while the attempt runs, and stays None when a cancel made the
+    terminal abandon it (`abandoned`). `data_before`/`data_after` are checksums of the
+    terminal's data store (pending transactions and local config).
+    """
+
+    tid: str
+    campaign_id: int
+    attempt: int
+    started_at: float
+    data_before: str
+    versions_before: dict[str, str]
+    events: list[SentEvent] = dataclasses.field(default_factory=list)
+    final_state: ExecState | None = None
+    error_code: str | None = None
+    abandoned: bool = False
+    finished_at: float | None = None
+    data_after: str | None = None
+    versions_after: dict[str, str] | None = None
+
+    @property
+    def settled(self) -> bool:
+        """Tell whether the attempt is over (final state reported or abandoned)."""
+        return self.final_state is not None or self.abandoned
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from picking the campaign up to settling it."""
+        return None if self.finished_at is None else self.finished_at - self.started_at
+
+    @property
+    def data_intact(self) -> bool | None:
+        """Tell whether the data store came out of the attempt unchanged."""
+        return None if self.data_after is None else self.data_after == self.data_before
+
+    @property
+    def states(self) -> list[ExecState]:
+        """The states reported, in order."""
+        return [e.state for e in self.events]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Backup:
+    data: Data
+    checksum: str
+    versions: dict[str, str]
+
+
+class _AbandonedError(Exception):
+    """The campaign was canceled before installing; stop without reporting."""
+
+
+class _Finished(Exception):  # noqa: N818 - control flow, not an error
+    """The attempt reached a final state."""
+
+
+Callback = Callable[["Terminal"], None]
+RecordCallback = Callable[[CampaignRecord], None]
+
+_REBOOT = 0  # queue marker: campaign ids start at 1
+
+
+class Terminal:
+    """A simulated terminal; `run` it until cancelled."""
+
+    def __init__(
+        self,
+        profile: TerminalProfile,
+        config: SimConfig,
+        link: Link,
+        *,
+        connect_gate: asyncio.Semaphore | None = None,
+        on_connected: Callback | None = None,
+        on_record: RecordCallback | None = None,
+    ) -> None:
+        """Set the terminal up in its factory state, without connecting."""
+        self.profile = profile
+        self.tid = profile.tid
+        self.model = profile.model
+        self._config = config
+        self._timing = config.timing
+        self._faults = config.faults
+        self._link = link
+        self._gate = connect_gate or asyncio.Semaphore(1)
+        self._on_connected = on_connected
+        self._on_record = on_record
+        self._rng = random.Random(f"{config.seed}:{profile.tid}")
+
+        self._versions = dict(profile.versions)
+        self._groups: set[str] = set(profile.groups)
+        self._data: Data = {
+            "pending_txns": [dict(t) for t in profile.pending_txns],
+            "config": {
+                "merchant_id": profile.merchant_id,
+                "timezone": profile.timezone,
+                "receipt_footer": "Thank you",
+            },
+        }
+        self._seq = 0
+        self._boot_id = protocol.new_message_id()
+        self._booted_at = time.monotonic()
+        self._boots = 0
+        self._battery = self._rng.randint(40, 100)
+
+        self._jobs: asyncio.Queue[int] = asyncio.Queue(_QUEUE_MAX)
+        self._queued: set[int] = set()
+        self._latest: dict[int, DesiredState] = {}
+        self._handled: set[int] = set()
+        self._attempts: collections.Counter[int] = collections.Counter()
+        self._current: int | None = None
+        self._cancel_requested: set[int] = set()
+        self._seen_commands: collections.deque[str] = collections.deque(maxlen=_SEEN_COMMANDS_MAX)
+        self._records: collections.deque[CampaignRecord] = collections.deque(maxlen=_RECORDS_MAX)
+        self._busy_until = 0.0
+        self._busy_forced = False
+        self._wake = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.heartbeats_sent = 0
+
+    # -- inspection -------------------------------------------------------------------
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """Installed versions by package name."""
+        return dict(self._versions)
+
+    @property
+    def groups(self) -> frozenset[str]:
+        """Groups the terminal currently listens to."""
+        return frozenset(self._groups)
+
+    @property
+    def pending_txns(self) -> list[dict[str, Any]]:
+        """A copy of the offline transactions waiting to be uploaded."""
+        return copy.deepcopy(self._data.get("pending_txns", []))
+
+    @property
+    def data_checksum(self) -> str:
+        """Checksum of the working data store."""
+        return checksum(self._data)
+
+    @property
+    def boot_id(self) -> str:
+        """Id of the current boot."""
+        return self._boot_id
+
+    @property
+    def seq(self) -> int:
+        """Sequence number of the last event sent."""
+        return self._seq
+
+    def records(self) -> list[CampaignRecord]:
+        """Every campaign attempt, oldest first."""
+        return list(self._records)
+
+    def record(self, campaign_id: int) -> CampaignRecord | None:
+        """The latest attempt at a campaign, if any."""
+        for rec in reversed(self._records):
+            if rec.campaign_id == campaign_id:
+                return rec
+        return None
+
+    @property
+    def updating(self) -> bool:
+        """Tell whether a campaign is under way (its data store may be mid-migration)."""
+        return self._current is not None
+
+    def set_busy(self, busy: bool) -> None:
+        """Hold (or release) the terminal as if a merchant were mid-transaction."""
+        self._busy_forced = busy
+        self._wake.set()
+
+    @property
+    def busy(self) -> bool:
+        """Tell whether a (simulated) transaction is in progress."""
+        return self._busy_forced or time.monotonic() < self._busy_until
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Boot, then serve messages, heartbeats and updates until cancelled."""
+        try:
+            await self._boot()
+            self.connected.set()
+            if self._on_connected is not None:
+                self._on_connected(self)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._message_loop(), name=f"{self.tid}/messages")
+                tg.create_task(self._heartbeat_loop(), name=f"{self.tid}/heartbeat")
+                tg.create_task(self._worker_loop(), name=f"{self.tid}/worker")
+        finally:
+            await self._power_off()
+
+    async def _power_off(self) -> None:
+        if not self.connected.is_set():
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self._publish_presence(online=False)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await self._link.disconnect()
+
+    async def _connect(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                async with self._gate:
+                    await self._link.connect()
+            except ConnectionError as exc:
+                logger.debug("%s: connect failed: %s", self.tid, exc)
+                await asyncio.sleep(delay * (0.5 + self._rng.random()))
+                delay = min(delay * 2, self._timing.reconnect_max_s)
+                continue
+            return
+
+    async def _boot(self) -> None:
+        self._boot_id = protocol.new_message_id()
+        self._booted_at = time.monotonic()
+        self._boots += 1
+        await self._connect()
+        await self._publish_hello()
+        await self._publish_presence(online=True)
+        await self._subscribe_all()
+
+    async def _resume_link(self) -> None:
+        await self._connect()
+        await self._publish_presence(online=True)
+        await self._subscribe_all()
+
+    async def _subscribe_all(self) -> None:
+        topics = [protocol.terminal_topic(self.tid, MessageKind.CMD)]
+        if not self._config.heartbeat_only:
+            topics += [protocol.desired_topic(g) for g in sorted(self._groups)]
+        await self._link.subscribe(topics)
+
+    async def _reboot(self, new_versions: dict[str, str] | None = None) -> None:
+        await self._publish_presence(online=False)
+        await self._link.disconnect()
+        await asyncio.sleep(self._timing.reboot_s)
+        if new_versions is not None:
+            self._versions = dict(new_versions)
+        await self._boot()
+
+    # -- publishing -------------------------------------------------------------------
+
+    def _topic(self, kind: MessageKind) -> str:
+        return protocol.terminal_topic(self.tid, kind)
+
+    async def _publish_hello(self) -> None:
+        hello = protocol.Hello(
+            tid=self.tid,
+            boot_id=self._boot_id,
+            model=self.model,
+            versions=dict(self._versions),
+            merchant_id=self.profile.merchant_id,
+            timezone=self.profile.timezone,
+            attributes={"simulated": "true", "boots": str(self._boots)},
+            ts=protocol.now(),
+        )
+        await self._link.publish(self._topic(MessageKind.HELLO), hello.to_bytes())
+
+    async def _publish_presence(self, *, online: bool) -> None:
+        presence = protocol.Presence(tid=self.tid, online=online, ts=protocol.now())
+        await self._link.publish(
+            self._topic(MessageKind.PRESENCE), presence.to_bytes(), retain=True
+        )
+
+    def heartbeat(self) -> protocol.Heartbeat:
+        """Build the heartbeat the terminal would send now."""
+        return protocol.Heartbeat(
+            tid=self.tid,
+            ts=protocol.now(),
+            versions=dict(self._versions),
+            battery_pct=self._battery,
+            storage_free_mb=512 - 8 * len(self._data.get("pending_txns", [])),
+            busy=self.busy,
+            health={
+                "txn_errors": 0,
+                "uptime_s": int(time.monotonic() - self._booted_at),
+                "pending_txns": len(self._data.get("pending_txns", [])),
+                "boots": self._boots,
+            },
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self._timing.heartbeat_s
+        # Spread the fleet's heartbeats over the interval instead of a thundering herd.
+        await asyncio.sleep(self._rng.random() * interval)
+        while True:
+            self._battery = max(5, min(100, self._battery + self._rng.choice((-1, 0, 1))))
+            await self._link.publish(
+                self._topic(MessageKind.HEARTBEAT), self.heartbeat().to_bytes()
+            )
+            self.heartbeats_sent += 1
+            await asyncio.sleep(interval)
+
+    async def _emit(self, record: CampaignRecord, state: ExecState, **fields: Any) -> None:  # noqa: ANN401
+        self._seq += 1
+        event = protocol.StateEvent(
+            msg_id=protocol.new_message_id(),
+            tid=self.tid,
+            seq=self._seq,
+            campaign_id=record.campaign_id,
+            state=state,
+            ts=protocol.now(),
+            **fields,
+        )
+        record.events.append(
+            SentEvent(
+                event.msg_id,
+                event.seq,
+                state,
+                event.ts,
+                event.progress,
+                event.stage,
+                event.error_code,
+            )
+        )
+        await self._link.publish(self._topic(MessageKind.EVENTS), event.to_bytes())
+
+    # -- incoming ---------------------------------------------------------------------
+
+    async def _message_loop(self) -> None:
+        while True:
+            try:
+                async for message in self._link.messages():
+                    await self._dispatch(message.topic, message.payload)
+            except LinkLostError:
+                logger.info("%s: connection lost, reconnecting", self.tid)
+                await self._resume_link()
+
+    async def _dispatch(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained message
+        try:
+            if topic == self._topic(MessageKind.CMD):
+                await self._on_command(protocol.decode_command(payload))
+            elif topic.startswith(f"{protocol.TOPIC_ROOT}/g/") and topic.endswith("/desired"):
+                self._on_desired(protocol.decode_desired(payload))
+            else:
+                logger.debug("%s: ignoring message on %s", self.tid, topic)
+        except ProtocolError as exc:
+            logger.warning("%s: refused message on %s: %s", self.tid, topic, exc)
+
+    def _on_desired(self, desired: DesiredState) -> None:
+        if self._config.heartbeat_only or desired.group not in self._groups:
+            return
+        cid = desired.campaign_id
+        previous = self._latest.get(cid)
+        if previous is not None and previous.revision >= desired.revision:
+            return
+        self._latest[cid] = desired
+        if len(self._latest) > _CAMPAIGNS_MAX:
+            oldest = min(c for c in self._latest if c != self._current)
+            del self._latest[oldest]
+        self._consider(cid)
+
+    def _startable(self, cid: int) -> bool:
+        desired = self._latest.get(cid)
+        return (
+            desired is not None
+            and desired.status == "active"
+            and protocol.bucket_of(self.tid) in desired.buckets
+            and cid not in self._handled
+        )
+
+    def _consider(self, cid: int) -> None:
+        if cid in self._queued or not self._startable(cid):
+            return
+        self._enqueue(cid)
+
+    def _enqueue(self, job: int) -> None:
+        try:
+            self._jobs.put_nowait(job)
+        except asyncio.QueueFull:
+            logger.warning("%s: job queue full, dropping job %d", self.tid, job)
+            return
+        self._queued.add(job)
+
+    async def _on_command(self, command: Command) -> None:
+        if command.tid != self.tid or command.msg_id in self._seen_commands:
+            return
+        self._seen_commands.append(command.msg_id)
+        if command.expires_at < protocol.now():
+            logger.info("%s: ignoring expired %s command", self.tid, command.kind.value)
+            return
+        cid = command.campaign_id
+        match command.kind:
+            case CommandKind.GROUPS:
+                await self._set_groups(set(command.groups or []))
+            case CommandKind.CANCEL if cid is not None:
+                if cid == self._current:
+                    self._cancel_requested.add(cid)
+                    self._wake.set()
+                else:
+                    self._handled.add(cid)
+            case CommandKind.RETRY if cid is not None and cid != self._current:
+                self._handled.discard(cid)
+                self._consider(cid)
+            case CommandKind.REBOOT:
+                self._enqueue(_REBOOT)
+            case _:
+                logger.info("%s: ignoring %s command", self.tid, command.kind.value)
+
+    async def _set_groups(self, groups: set[str]) -> None:
+        added, removed = groups - self._groups, self._groups - groups
+        self._groups = groups
+        if self._config.heartbeat_only:
+            return
+        await self._link.unsubscribe([protocol.desired_topic(g) for g in sorted(removed)])
+        await self._link.subscribe([protocol.desired_topic(g) for g in sorted(added)])
+
+    # -- the update -------------------------------------------------------------------
+
+    async def _worker_loop(self) -> None:
+        while True:
+            job = await self._jobs.get()
+            self._queued.discard(job)
+            if job == _REBOOT:
+                await self._reboot()
+                continue
+            desired = self._latest.get(job)
+            if desired is None or not self._startable(job):
+                continue
+            self._handled.add(job)
+            self._current = job
+            self._cancel_requested.discard(job)
+            try:
+                await self._update(desired)
+            finally:
+                self._current = None
+                self._cancel_requested.discard(job)
+
+    async def _update(self, desired: DesiredState) -> None:
+        cid = desired.campaign_id
+        self._attempts[cid] += 1
+        record = CampaignRecord(
+            tid=self.tid,
+            campaign_id=cid,
+            attempt=self._attempts[cid],
+            started_at=time.monotonic(),
+            data_before=self.data_checksum,
+            versions_before=dict(self._versions),
+        )
+        self._records.append(record)
+        if self._on_record is not None:
+            self._on_record(record)
+        try:
+            await self._run_update(record, desired)
+        except _AbandonedError:
+            logger.info("%s: campaign %d canceled, abandoned", self.tid, cid)
+            record.abandoned = True
+        except _Finished:
+            pass
+        record.finished_at = time.monotonic()
+        record.data_after = self.data_checksum
+        record.versions_after = dict(self._versions)
+        if self._on_record is not None:
+            self._on_record(record)
+
+    async def _finish(
+        self,
+        record: CampaignRecord,
+        state: ExecState,
+        **fields: Any,  # noqa: ANN401
+    ) -> NoReturn:
+        await self._emit(record, state, **fields)
+        record.final_state = state
+        record.error_code = fields.get("error_code")
+        raise _Finished
+
+    def _check_cancel(self, cid: int) -> None:
+        if cid in self._cancel_requested:
+            raise _AbandonedError
+
+    async def _run_update(self, record: CampaignRecord, desired: DesiredState) -> None:
+        cid = desired.campaign_id
+        packages = sorted(desired.packages, key=lambda p: KIND_ORDER[p.kind])
+        incompatible = [p.name for p in packages if p.models and self.model not in p.models]
+        if incompatible:
+            await self._finish(
+                record,
+                S.REJECTED,
+                stage="check",
+                error_code="INCOMPATIBLE_MODEL",
+                detail=f"{self.model} not supported by {','.join(incompatible)}"[:200],
+            )
+        todo = [p for p in packages if self._versions.get(p.name) != p.version]
+        if not todo:
+            await self._finish(record, S.ALREADY_INSTALLED)
+        await self._emit(record, S.QUEUED)
+        await self._wait_idle(record)
+        for package in todo:
+            self._check_cancel(cid)
+            await self._fetch(record, package)
+        self._check_cancel(cid)
+
+        await self._emit(record, S.BACKING_UP)
+        backup = _Backup(copy.deepcopy(self._data), self.data_checksum, dict(self._versions))
+
+        await self._emit(record, S.INSTALLING)
+        await asyncio.sleep(self._timing.install_s)
+        # New software brings a new, empty data store; the data must be migrated into it.
+        self._data = {"pending_txns": [], "config": {}}
+        if self._rng.random() < self._faults.install_fail_rate:
+            self._restore(backup, versions=True)
+            await self._finish(record, S.ROLLED_BACK, stage="install", error_code="INSTALL_FAILED")
+
+        await self._emit(record, S.REBOOTING)
+        await self._reboot(self._versions | {p.name: p.version for p in todo})
+
+        await self._emit(record, S.SELF_TESTING)
+        await asyncio.sleep(self._timing.self_test_s)
+        if (
+            self.model in self._faults.self_test_fail_models
+            or self._rng.random() < self._faults.self_test_fail_rate
+        ):
+            self._restore(backup, versions=True)
+            await self._finish(
+                record, S.ROLLED_BACK, stage="self_test", error_code="SELF_TEST_FAILED"
+            )
+        self._restore(backup, versions=False)
+        await self._finish(record, S.SUCCEEDED)
+
+    def _restore(self, backup: _Backup, *, versions: bool) -> None:
+        if checksum(backup.data) != backup.checksum:
+            msg = f"{self.tid}: backup corrupted"
+            raise AssertionError(msg)
+        self._data = copy.deepcopy(backup.data)
+        if versions:
+            self._versions = dict(backup.versions)
+
+    async def _wait_idle(self, record: CampaignRecord) -> None:
+        if self._rng.random() < self._timing.busy_probability:
+            self._busy_until = time.monotonic() + self._timing.busy_s
+        if not self.busy:
+            return
+        await self._emit(record, S.DEFERRED, stage="busy")
+        while self.busy:
+            self._check_cancel(record.campaign_id)
+            self._wake.clear()
+            timeout = None if self._busy_forced else self._busy_until - time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    async def _fetch(self, record: CampaignRecord, package: PackageRef) -> None:
+        cid = record.campaign_id
+        await self._emit(record, S.DOWNLOADING, progress=0)
+        reported = 0
+
+        async def progress(offset: int) -> None:
+            nonlocal reported
+            self._check_cancel(cid)
+            if package.size <= 0:
+                return
+            pct = offset * 100 // package.size // _PROGRESS_STEP * _PROGRESS_STEP
+            if reported < pct < 100:
+                reported = pct
+                await self._emit(record, S.DOWNLOADING, progress=pct)
+
+        rng, faults = self._rng, self._faults
+        drop = rng.random() < faults.download_drop_rate and package.size > 1
+        corrupt = rng.random() < faults.corrupt_rate and package.size > 0
+        plan = DownloadPlan(
+            url=package.url,
+            size=package.size,
+            chunk_bytes=self._timing.chunk_bytes,
+            bytes_per_s=self._timing.download_bps,
+            timeout_s=self._timing.http_timeout_s,
+            max_attempts=faults.max_download_attempts,
+            retry_s=self._timing.download_retry_s,
+            drop_at=rng.randrange(1, package.size) if drop else None,
+            corrupt_at=rng.randrange(package.size) if corrupt else None,
+        )
+        try:
+            result = await download(plan, progress)
+        except DownloadFailedError as exc:
+            await self._finish(
+                record, S.FAILED, stage="download", error_code=exc.code, detail=exc.detail
+            )
+        await self._emit(record, S.DOWNLOADED, progress=100)
+        await self._emit(record, S.VERIFYING)
+        if result.length != package.size or result.sha256 != package.sha256:
+            await self._finish(
+                record,
+                S.FAILED,
+                stage="verify",
+                error_code="HASH_MISMATCH",
+                detail=f"{package.name}: got {result.length} bytes sha256 {result.sha256[:12]}",
+            )
+        await self._emit(record, S.VERIFIED)

@@ -1,0 +1,243 @@
+"""Many simulated terminals in one asyncio process, awaitable milestones and a report."""
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from device_sim.config import SimConfig
+from device_sim.device import CampaignRecord, Terminal, TerminalProfile
+from device_sim.link import AiomqttLink, BrokerIdentity, Link
+from fleet import protocol
+from fleet.protocol import MessageKind
+
+logger = logging.getLogger(__name__)
+
+LinkFactory = Callable[[TerminalProfile], Link]
+_VIOLATIONS_LISTED = 20
+
+
+class _StoppedError(Exception):
+    """Raised inside the task group to cancel every terminal at once."""
+
+
+def aiomqtt_link_factory(config: SimConfig) -> LinkFactory:
+    """Return a factory of real broker links for the configured broker and secret."""
+
+    def make(profile: TerminalProfile) -> Link:
+        tid = profile.tid
+        will = protocol.Presence(tid=tid, online=False, ts=protocol.now())
+        return AiomqttLink(
+            BrokerIdentity(
+                host=config.broker_host,
+                port=config.broker_port,
+                client_id=tid,
+                password=protocol.derive_terminal_password(config.secret, tid),
+                will_topic=protocol.terminal_topic(tid, MessageKind.PRESENCE),
+                will_payload=will.to_bytes(),
+                keepalive_s=config.keepalive_s,
+                session_expiry_s=config.session_expiry_s,
+                incoming_queue_max=config.incoming_queue_max,
+            )
+        )
+
+    return make
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """Nearest-rank p50/p90/p99/max of `values` (empty dict when there are none)."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def rank(p: float) -> float:
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+    return {
+        "p50": round(rank(50), 3),
+        "p90": round(rank(90), 3),
+        "p99": round(rank(99), 3),
+        "max": round(ordered[-1], 3),
+    }
+
+
+class Simulator:
+    """A slice of a fleet: `config.count` terminals sharing one event loop."""
+
+    def __init__(self, config: SimConfig, *, link_factory: LinkFactory | None = None) -> None:
+        """Build every terminal (deterministically from the config), without connecting."""
+        self.config = config
+        make_link = link_factory or aiomqtt_link_factory(config)
+        gate = asyncio.Semaphore(config.connect_concurrency)
+        self.terminals: dict[str, Terminal] = {}
+        for index in range(config.start, config.start + config.count):
+            profile = TerminalProfile.from_config(config, index)
+            self.terminals[profile.tid] = Terminal(
+                profile,
+                config,
+                make_link(profile),
+                connect_gate=gate,
+                on_connected=self._connected_one,
+                on_record=self._record_changed,
+            )
+        self._connected = 0
+        self._all_connected = asyncio.Event()
+        if not self.terminals:
+            self._all_connected.set()
+        self._settled: collections.defaultdict[int, set[str]] = collections.defaultdict(set)
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._started_at: float | None = None
+        self._stopped_at: float | None = None
+
+    # -- running ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run every terminal until `stop` is set, then power them all off."""
+        self._started_at = time.monotonic()
+        logger.info("starting %d terminals", len(self.terminals))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for tid, terminal in self.terminals.items():
+                    tg.create_task(terminal.run(), name=f"terminal/{tid}")
+                tg.create_task(self._stop_on(stop), name="simulator/stop")
+        except* _StoppedError:
+            logger.info("stopped")
+        finally:
+            self._stopped_at = time.monotonic()
+
+    @staticmethod
+    async def _stop_on(stop: asyncio.Event) -> None:
+        await stop.wait()
+        raise _StoppedError
+
+    def _connected_one(self, _terminal: Terminal) -> None:
+        self._connected += 1
+        if self._connected >= len(self.terminals):
+            self._all_connected.set()
+        self._notify()
+
+    def _record_changed(self, record: CampaignRecord) -> None:
+        settled = self._settled[record.campaign_id]
+        if record.settled:
+            settled.add(record.tid)
+        else:
+            settled.discard(record.tid)
+        self._notify()
+
+    def _notify(self) -> None:
+        for predicate, future in self._waiters:
+            if not future.done() and predicate():
+                future.set_result(None)
+
+    async def _wait_until(self, predicate: Callable[[], bool], timeout_s: float | None) -> None:
+        if predicate():
+            return
+        entry = (predicate, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await entry[1]
+        finally:
+            self._waiters.remove(entry)
+
+    # -- what tests wait for ----------------------------------------------------------
+
+    @property
+    def connected_count(self) -> int:
+        """How many terminals have connected at least once."""
+        return self._connected
+
+    async def wait_connected(self, timeout_s: float | None = None) -> None:
+        """Wait until every terminal has connected once (raises TimeoutError)."""
+        async with asyncio.timeout(timeout_s):
+            await self._all_connected.wait()
+
+    async def wait_final(
+        self, campaign_id: int, count: int, timeout_s: float | None = None
+    ) -> list[CampaignRecord]:
+        """Wait until `count` terminals settled their latest attempt at a campaign.
+
+        Settled means a final state was reported, or a cancel made the terminal abandon
+        the attempt. Returns those terminals' latest records.
+
+        Raises:
+            TimeoutError: fewer than `count` settled in time.
+        """
+        await self._wait_until(lambda: len(self._settled[campaign_id]) >= count, timeout_s)
+        return self.campaign_records(campaign_id)
+
+    async def wait_terminal_final(
+        self, tid: str, campaign_id: int, timeout_s: float | None = None
+    ) -> CampaignRecord:
+        """Wait until one terminal settled its latest attempt at a campaign."""
+        await self._wait_until(lambda: tid in self._settled[campaign_id], timeout_s)
+        record = self.terminals[tid].record(campaign_id)
+        assert record is not None
+        return record
+
+    def records(self) -> list[CampaignRecord]:
+        """Every attempt of every terminal."""
+        return [r for t in self.terminals.values() for r in t.records()]
+
+    def campaign_records(self, campaign_id: int) -> list[CampaignRecord]:
+        """Each terminal's latest, settled attempt at a campaign."""
+        found = (self.terminals[tid].record(campaign_id) for tid in self._settled[campaign_id])
+        return [r for r in found if r is not None]
+
+    # -- report -----------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        """Summarise the run: final states, update durations and the data-integrity check."""
+        campaigns: dict[str, dict[str, Any]] = {}
+        violations: list[str] = []
+        checked = 0
+        by_campaign: collections.defaultdict[int, list[CampaignRecord]] = collections.defaultdict(
+            list
+        )
+        for record in self.records():
+            by_campaign[record.campaign_id].append(record)
+            if record.data_intact is not None:
+                checked += 1
+                if not record.data_intact:
+                    violations.append(f"{record.tid}/c{record.campaign_id}#{record.attempt}")
+        for cid, records in sorted(by_campaign.items()):
+            finals = collections.Counter(
+                r.final_state.value for r in records if r.final_state is not None
+            )
+            durations = [
+                r.duration_s
+                for r in records
+                if r.final_state is not None and r.duration_s is not None
+            ]
+            campaigns[str(cid)] = {
+                "attempts": len(records),
+                "final": dict(sorted(finals.items())),
+                "abandoned": sum(r.abandoned for r in records),
+                "in_progress": sum(not r.settled for r in records),
+                "duration_s": percentiles(durations),
+            }
+        # Nothing but an update touches the data store, so it must still hold what it did
+        # at start-up (checked only while no migration is under way).
+        violations.extend(
+            f"{t.tid}/now"
+            for t in self.terminals.values()
+            if not t.updating and t.pending_txns != [dict(x) for x in t.profile.pending_txns]
+        )
+        end = self._stopped_at or time.monotonic()
+        return {
+            "terminals": len(self.terminals),
+            "connected": self._connected,
+            "elapsed_s": round(end - self._started_at, 3) if self._started_at else 0.0,
+            "events_sent": sum(t.seq for t in self.terminals.values()),
+            "heartbeats_sent": sum(t.heartbeats_sent for t in self.terminals.values()),
+            "campaigns": campaigns,
+            "integrity": {
+                "checked": checked,
+                "ok": not violations,
+                "violations": violations[:_VIOLATIONS_LISTED],
+                "violation_count": len(violations),
+            },
+        }
