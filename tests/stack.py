@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,7 +151,7 @@ class Stack:
         for name, value in self.settings.model_dump().items():
             env[f"FLEET_{name.upper()}"] = str(value)
         log = (self.workdir / "controller.log").open("ab")
-        self._process = subprocess.Popen(  # noqa: S603 - our own module, fixed argv
+        self._process = subprocess.Popen(
             [sys.executable, "-m", "fleet", "serve"], env=env, stdout=log, stderr=log
         )
         log.close()
@@ -214,3 +214,36 @@ async def running(simulator: Simulator) -> AsyncIterator[Simulator]:
 def terminal_ids(count: int) -> list[str]:
     """The ids `sim_config` gives its terminals."""
     return [f"T{n:06d}" for n in range(count)]
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, within_s: float = 30.0, what: str = "condition"
+) -> None:
+    """Poll `check` until it holds, for state only the database shows (it has no events).
+
+    Bounded by `within_s`; the poll interval is short, so this waits on the state itself,
+    not on a guessed duration.
+    """
+    try:
+        async with asyncio.timeout(within_s):
+            while True:
+                if await check():
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def wait_status(
+    repo: Repository, campaign_id: int, wanted: set[str], *, within_s: float = 60.0
+) -> str:
+    """Wait until the campaign's derived status is one of `wanted`; return it."""
+    found = ""
+
+    async def reached() -> bool:
+        nonlocal found
+        found = (await campaigns.campaign_status(repo, campaign_id)).status
+        return found in wanted
+
+    await eventually(reached, within_s=within_s, what=f"campaign status in {wanted}")
+    return found

@@ -42,12 +42,30 @@ def test_operator_workflow(cli_env: Path, capsys: pytest.CaptureFixture[str]) ->
         capsys, "group", "assign", "north", "T000000", "T000001"
     )
     _run(
-        capsys, "package", "add", str(package), "--name", "os", "--kind", "firmware",
-        "--version", "2.0.0", "--models", "P400",
+        capsys,
+        "package",
+        "add",
+        str(package),
+        "--name",
+        "os",
+        "--kind",
+        "firmware",
+        "--version",
+        "2.0.0",
+        "--models",
+        "P400",
     )
     assert "created as 1 (draft)" in _run(
-        capsys, "campaign", "create", "spring", "--group", "north", "--package", "os=2.0.0",
-        "--waves", "50,100",
+        capsys,
+        "campaign",
+        "create",
+        "spring",
+        "--group",
+        "north",
+        "--package",
+        "os=2.0.0",
+        "--waves",
+        "50,100",
     )
     assert "started with 2 executions" in _run(capsys, "campaign", "start", "spring")
     _run(capsys, "campaign", "pause", "spring")

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from fleet.protocol import RejectReason
 from fleet.settings import FleetSettings
 from tests.test_protocol import BUCKET_VECTORS
 
@@ -21,8 +22,6 @@ def test_protocol_publishes_the_bucket_vectors() -> None:
 
 
 def test_every_reject_reason_is_documented() -> None:
-    from fleet.protocol import RejectReason
-
     text = (DOCS / "protocol.md").read_text()
     for reason in RejectReason:
         assert f"`{reason.value}`" in text

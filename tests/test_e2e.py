@@ -1,32 +1,29 @@
 """End to end: real Mosquitto, real PostgreSQL, the controller and simulated terminals."""
 
+import asyncio
 from collections import Counter
 from pathlib import Path
 
-from device_sim.config import Faults
+from device_sim.config import Faults, Timing
 from device_sim.fleet import Simulator
 from fleet import campaigns
 from fleet.db import Repository
 from fleet.embedded import Mosquitto
 from fleet.states import FINAL
-from tests.stack import Stack, make_settings, running, sim_config, terminal_ids
+from tests.stack import (
+    Stack,
+    eventually,
+    make_settings,
+    running,
+    sim_config,
+    terminal_ids,
+    wait_status,
+)
 
 
 async def _db_states(repo: Repository, campaign_id: int) -> dict[str, str]:
     async with repo.connection() as q:
         return {tid: state for tid, (state, _) in (await q.execution_states(campaign_id)).items()}
-
-
-async def _wait_status(repo: Repository, campaign_id: int, wanted: set[str], timeout: float) -> str:
-    """Wait (on the runner's own progress, polled) until the campaign's status is wanted."""
-    import asyncio
-
-    async with asyncio.timeout(timeout):
-        while True:
-            status = await campaigns.campaign_status(repo, campaign_id)
-            if status.status in wanted:
-                return status.status
-            await asyncio.sleep(0.1)
 
 
 async def test_small_rollout_completes_and_db_matches_terminals(
@@ -43,24 +40,12 @@ async def test_small_rollout_completes_and_db_matches_terminals(
             await simulator.wait_connected(timeout_s=30)
             campaign_id = await stack.campaign(["g1"], ("os", "2.0.0"), waves=[50, 100])
             records = await simulator.wait_final(campaign_id, 20, timeout_s=60)
-            assert await _wait_status(repo, campaign_id, {"completed"}, 30) == "completed"
+            assert await wait_status(repo, campaign_id, {"completed"}) == "completed"
         db = await _db_states(repo, campaign_id)
         assert db == {r.tid: r.final_state.value for r in records if r.final_state}
         assert Counter(db.values()) == {"succeeded": 20}
     finally:
         await stack.stop_controller()
-
-
-async def _eventually(check, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    """Poll an async check until it holds; bounded, for state only the database shows."""
-    import asyncio
-
-    try:
-        async with asyncio.timeout(timeout):
-            while not await check():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def test_failures_above_threshold_pause_before_the_last_wave(
@@ -80,7 +65,7 @@ async def test_failures_above_threshold_pause_before_the_last_wave(
             campaign_id = await stack.campaign(
                 ["north", "south"], ("os", "2.0.0"), waves=[10, 50, 100], failure_threshold=0.2
             )
-            assert await _wait_status(repo, campaign_id, {"paused", "completed"}, 60) == "paused"
+            assert await wait_status(repo, campaign_id, {"paused", "completed"}) == "paused"
             status = await campaigns.campaign_status(repo, campaign_id)
             assert status.current_wave < 3, "paused only after the last wave had opened"
             # Terminals already under way finish; nobody new starts.
@@ -89,9 +74,11 @@ async def test_failures_above_threshold_pause_before_the_last_wave(
 
             async def db_caught_up() -> bool:
                 db = await _db_states(repo, campaign_id)
-                return all(db[r.tid] == r.final_state for r in simulator.campaign_records(campaign_id))
+                return all(
+                    db[r.tid] == r.final_state for r in simulator.campaign_records(campaign_id)
+                )
 
-            await _eventually(db_caught_up, what="database to reflect every terminal")
+            await eventually(db_caught_up, what="database to reflect every terminal")
         db = await _db_states(repo, campaign_id)
         records = {r.tid: r for r in simulator.campaign_records(campaign_id)}
         assert len(simulator.records()) == len(records), "a terminal started twice"
@@ -105,7 +92,7 @@ async def test_failures_above_threshold_pause_before_the_last_wave(
                 assert records[tid].data_intact, f"{tid} lost local data"
             else:
                 assert state == "pending", f"{tid} never started but is {state}"
-        wave3 = [w for w in status.waves if w.wave == 3][0]
+        wave3 = next(w for w in status.waves if w.wave == 3)
         assert wave3.counts == {"pending": wave3.size}
         assert Counter(db.values())["rolled_back"] > 0
         async with repo.connection() as q:
@@ -119,10 +106,6 @@ async def test_failures_above_threshold_pause_before_the_last_wave(
 async def test_controller_killed_mid_campaign_loses_and_duplicates_nothing(
     broker: Mosquitto, repo: Repository, database_url: str, tmp_path: Path
 ) -> None:
-    import asyncio
-
-    from device_sim.config import Timing
-
     count = 120
     stack = Stack(make_settings(broker, database_url, tmp_path), repo, tmp_path)
     ids = terminal_ids(count)
@@ -145,7 +128,10 @@ async def test_controller_killed_mid_campaign_loses_and_duplicates_nothing(
         async with running(simulator):
             await simulator.wait_connected(timeout_s=60)
             campaign_id = await stack.campaign(
-                ["g1"], ("os", "2.0.0"), waves=[20, 60, 100], failure_threshold=0.5,
+                ["g1"],
+                ("os", "2.0.0"),
+                waves=[20, 60, 100],
+                failure_threshold=0.5,
                 success_threshold=0.5,
             )
 
@@ -153,12 +139,12 @@ async def test_controller_killed_mid_campaign_loses_and_duplicates_nothing(
                 db = await _db_states(repo, campaign_id)
                 return sum(s in {f.value for f in FINAL} for s in db.values()) >= 15
 
-            await _eventually(some_final, what="the first executions to finish")
+            await eventually(some_final, what="the first executions to finish")
             stack.kill_controller_process()
             settled_while_dead = len([r for r in simulator.records() if r.settled])
             await asyncio.sleep(0)  # the fleet carries on without a controller
             stack.spawn_controller()
-            assert await _wait_status(repo, campaign_id, {"completed"}, 120) == "completed"
+            assert await wait_status(repo, campaign_id, {"completed"}, within_s=120) == "completed"
             await simulator.wait_final(campaign_id, count, timeout_s=60)
         assert stack.terminate_controller_process() == 0
         sent = [e.msg_id for r in simulator.records() for e in r.events]
@@ -204,12 +190,12 @@ async def test_pause_holds_new_starts_resume_completes_cancel_ends_pending(
             await simulator.wait_connected(timeout_s=30)
             # The groups command after each hello proves the controller has seen every
             # terminal, and so the retained desired states have reached them.
-            await _eventually(lambda: _all_online(repo, count), what="every hello")
+            await eventually(lambda: _all_online(repo, count), what="every hello")
             assert simulator.records() == []
             assert Counter((await _db_states(repo, paused_id)).values()) == {"pending": 20}
             await campaigns.resume_campaign(repo, paused_id)
             records = await simulator.wait_final(paused_id, 20, timeout_s=60)
-            assert await _wait_status(repo, paused_id, {"completed"}, 30) == "completed"
+            assert await wait_status(repo, paused_id, {"completed"}) == "completed"
         assert {r.final_state for r in records} == {"succeeded"}
         assert Counter((await _db_states(repo, canceled_id)).values()) == {"canceled": 10}
         assert simulator.campaign_records(canceled_id) == []

@@ -19,7 +19,7 @@ from fleet.protocol import (
 from fleet.states import ExecState
 from tests.conftest import TERMINAL_SECRET
 from tests.mqtt_probe import Probe
-from tests.stack import Stack, make_settings
+from tests.stack import Stack, eventually, make_settings
 
 NOT_AUTHORIZED = 0x87
 
@@ -32,15 +32,14 @@ def _duplicates() -> float:
     return REGISTRY.get_sample_value("fleet_event_duplicates_total") or 0.0
 
 
-async def _eventually(check, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.05)
-
-
 def _event(tid: str, campaign_id: int, seq: int, state: ExecState, **extra: object) -> StateEvent:
     return StateEvent(
-        msg_id=new_message_id(), tid=tid, seq=seq, campaign_id=campaign_id, state=state, ts=1.0,
+        msg_id=new_message_id(),
+        tid=tid,
+        seq=seq,
+        campaign_id=campaign_id,
+        state=state,
+        ts=1.0,
         **extra,  # type: ignore[arg-type]
     )
 
@@ -82,7 +81,7 @@ async def test_spoofed_malformed_oversized_and_replayed_input(
                 dead = await q.dead_letter_counts()
             return states["T1"][0] == "downloading" and sum(dead.values()) >= 4
 
-        await _eventually(stored)
+        await eventually(stored)
         async with repo.connection() as q:
             dead = await q.dead_letter_counts()
             events = await q._conn.fetch("SELECT msg_id, terminal_id FROM update_events")
@@ -90,13 +89,13 @@ async def test_spoofed_malformed_oversized_and_replayed_input(
         assert dead == {"invalid": 1, "malformed": 1, "tid_mismatch": 1, "too_large": 1}
         assert sorted(r["msg_id"] for r in events) == sorted([first.msg_id, second.msg_id])
         assert states["T2"][0] == "pending", "the spoofed event moved T2"
-        for reason in before:
-            assert _rejected(reason) == before[reason] + 1, reason
+        for reason, count in before.items():
+            assert _rejected(reason) == count + 1, reason
 
         async def duplicate_counted() -> bool:
             return _duplicates() == duplicates_before + 1
 
-        await _eventually(duplicate_counted)
+        await eventually(duplicate_counted)
 
         # Larger than the broker's packet limit: the broker drops the connection.
         probe.client.publish(own, b"x" * 20_000, qos=1)
@@ -114,7 +113,7 @@ async def test_spoofed_malformed_oversized_and_replayed_input(
             async with repo.connection() as q:
                 return (await q.execution_states(campaign_id))["T1"][0] == "downloaded"
 
-        await _eventually(moved)
+        await eventually(moved)
     finally:
         await asyncio.to_thread(probe.close)
         await stack.stop_controller()
