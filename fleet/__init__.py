@@ -1,0 +1,1 @@
+"""fleet: signed software updates for payment-terminal fleets over MQTT."""
