@@ -194,3 +194,14 @@ async def test_heartbeat_partitions_are_created_ahead(repo: Repository) -> None:
     assert again == 5
     async with repo.connection() as q:
         assert await q.ensure_heartbeat_partitions(3) == 0
+
+
+async def test_dead_letters_are_bounded(repo: Repository) -> None:
+    rows = [("fleet/v1/t/T1/events", "malformed", f"n{n}", b"x" * 2000) for n in range(150)]
+    async with repo.connection() as q:
+        await q.add_dead_letters(rows)
+        await q.trim_dead_letters(100)
+        assert await q.dead_letter_counts() == {"malformed": 100}
+        kept = await q._conn.fetch("SELECT detail, length(payload) AS n FROM dead_letters")
+    assert {r["detail"] for r in kept} == {f"n{n}" for n in range(50, 150)}
+    assert {r["n"] for r in kept} == {1024}

@@ -11,6 +11,7 @@ from fleet.db import Repository
 from fleet.embedded import Mosquitto
 from fleet.states import FINAL
 from tests.stack import (
+    FAST,
     Stack,
     eventually,
     make_settings,
@@ -35,15 +36,31 @@ async def test_small_rollout_completes_and_db_matches_terminals(
     await stack.add_package("os", "2.0.0", ["P400"])
     await stack.start_controller()
     try:
-        simulator = Simulator(sim_config(broker, 20, ["g1"]))
+        fast_heartbeats = FAST.model_copy(update={"heartbeat_s": 0.2})
+        simulator = Simulator(sim_config(broker, 20, ["g1"], timing=fast_heartbeats))
         async with running(simulator):
             await simulator.wait_connected(timeout_s=30)
             campaign_id = await stack.campaign(["g1"], ("os", "2.0.0"), waves=[50, 100])
             records = await simulator.wait_final(campaign_id, 20, timeout_s=60)
             assert await wait_status(repo, campaign_id, {"completed"}) == "completed"
-        db = await _db_states(repo, campaign_id)
-        assert db == {r.tid: r.final_state.value for r in records if r.final_state}
-        assert Counter(db.values()) == {"succeeded": 20}
+            db = await _db_states(repo, campaign_id)
+            assert db == {r.tid: r.final_state.value for r in records if r.final_state}
+            assert Counter(db.values()) == {"succeeded": 20}
+
+            async def heartbeats_on_new_version() -> bool:
+                async with repo.connection() as q:
+                    rows = await q._conn.fetch("SELECT versions->>'os' AS os FROM terminals")
+                return {r["os"] for r in rows} == {"2.0.0"}
+
+            await eventually(heartbeats_on_new_version, what="inventory to show 2.0.0")
+
+        async def all_offline() -> bool:
+            async with repo.connection() as q:
+                online = await q._conn.fetchval("SELECT count(*) FROM terminals WHERE online")
+                stored = await q._conn.fetchval("SELECT count(*) FROM heartbeats")
+            return online == 0 and stored >= 20
+
+        await eventually(all_offline, what="presence to go offline when the fleet stops")
     finally:
         await stack.stop_controller()
 
