@@ -70,9 +70,7 @@ class MqttSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._generation = 0
         self._closing = threading.Event()
-        self._lock = threading.Lock()
         self._pending: dict[int, asyncio.Future[None]] = {}
-        self._early: dict[int, int] = {}
         self.connected = asyncio.Event()
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -141,20 +139,21 @@ class MqttSession:
         if expiry_s is not None:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.MessageExpiryInterval = expiry_s
-        future: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-            if info.rc != paho.MQTT_ERR_SUCCESS:
-                raise PublishError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
-            if qos == 0:
-                return
-            early = self._early.pop(info.mid, None)
-            if early is None:
-                self._pending[info.mid] = future
-        if early is not None:
-            _raise_on_failure(topic, early)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise PublishError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        if qos == 0:
             return
-        await future
+        # Registered before this coroutine yields; the PUBACK callback is marshalled onto
+        # this loop, so it can only run after the future is in place.
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending[info.mid] = future
+        try:
+            async with asyncio.timeout(self._settings.mqtt_publish_timeout_s):
+                await future
+        except TimeoutError:
+            self._pending.pop(info.mid, None)
+            raise PublishError(f"no PUBACK for {topic} in time") from None
 
     # -- paho thread ------------------------------------------------------------------
 
@@ -220,28 +219,19 @@ class MqttSession:
         reason: ReasonCode,
         _props: Properties,
     ) -> None:
-        with self._lock:
-            future = self._pending.pop(mid, None)
-            if future is None:
-                self._early[mid] = reason.value
-                return
-        self._call_soon(_settle, future, reason.value)
+        # paho calls this holding its internal message lock: take no lock of ours here.
+        self._call_soon(self._settle, mid, reason.value)
+
+    def _settle(self, mid: int, reason: int) -> None:
+        future = self._pending.pop(mid, None)
+        if future is None or future.done():
+            return
+        if reason >= 0x80:
+            future.set_exception(PublishError(f"broker refused publish: reason {reason:#x}"))
+        else:
+            future.set_result(None)
 
     def _call_soon(self, callback: object, *args: object) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(callback, *args)  # type: ignore[arg-type]
-
-
-def _settle(future: asyncio.Future[None], reason: int) -> None:
-    if future.done():
-        return
-    if reason >= 0x80:
-        future.set_exception(PublishError(f"broker refused publish: reason {reason:#x}"))
-    else:
-        future.set_result(None)
-
-
-def _raise_on_failure(topic: str, reason: int) -> None:
-    if reason >= 0x80:
-        raise PublishError(f"broker refused publish to {topic}: reason {reason:#x}")

@@ -43,6 +43,12 @@ class FleetSettings(BaseSettings):
         description="Un-acknowledged QoS1 messages the broker may have in flight to ingest: "
         "the backpressure window.",
     )
+    mqtt_publish_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long a publish may wait for the broker's PUBACK before it counts "
+        "as failed (and is retried by whoever sent it).",
+    )
     mqtt_keepalive_s: int = Field(30, ge=5, description="MQTT keep-alive of the controller.")
 
     http_host: str = Field("127.0.0.1", description="Bind address of artifacts and metrics.")
