@@ -194,7 +194,9 @@ async def _group(repo: Repository, settings: FleetSettings, args: argparse.Names
             await inventory.create_group(repo, admin, args.name)
             print(f"group {args.name} ready")
         else:
-            await inventory.assign_group(repo, admin, args.name, args.terminals)
+            await inventory.assign_group(
+                repo, admin, args.name, args.terminals, command_expiry_s=settings.command_expiry_s
+            )
             print(f"{len(args.terminals)} terminals in group {args.name}")
     return 0
 

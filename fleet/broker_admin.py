@@ -26,6 +26,8 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from fleet import dynsec, protocol
 from fleet.errors import BrokerAdminError
@@ -207,6 +209,26 @@ class BrokerAdmin:
         finally:
             for command in tagged:
                 self._pending.pop(command["correlationData"], None)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry_s: int | None = None,
+    ) -> None:
+        """Publish as the controller (for operator commands that must reach terminals)."""
+        if self._client is None:
+            raise BrokerAdminError("publish", "not connected")
+        properties = None
+        if expiry_s is not None:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.MessageExpiryInterval = expiry_s
+        await self._client.publish(
+            topic, payload, qos=qos, retain=retain, properties=properties
+        )
 
     def _check_ids(self, tids: Iterable[str]) -> list[str]:
         checked = list(tids)

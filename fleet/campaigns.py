@@ -17,9 +17,9 @@ from typing import Literal, Protocol
 from fleet import metrics
 from fleet.db.repository import LiveCampaign, Queries, Repository, WaveRow
 from fleet.errors import CampaignError, DatabaseUnavailableError, NotFoundError
-from fleet.mqtt import PublishError
 from fleet.protocol import (
     BUCKETS,
+    MAX_PACKAGES,
     BucketRange,
     Command,
     CommandKind,
@@ -32,6 +32,7 @@ from fleet.protocol import (
     now,
     terminal_topic,
 )
+from fleet.settings import FleetSettings
 from fleet.states import FAILURE, FINAL, SUCCESS, ExecState
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ async def create_campaign(
 ) -> int:
     """Create a draft campaign over groups, with (name, version) packages and waves in %."""
     limits = wave_bucket_limits(waves)
+    if not 1 <= len(packages) <= MAX_PACKAGES:
+        raise CampaignError("bad_packages", f"a campaign has 1 to {MAX_PACKAGES} packages")
+    if not 0 < failure_threshold <= 1 or not 0 < success_threshold <= 1:
+        raise CampaignError("bad_threshold", "thresholds are fractions in (0, 1]")
     async with repo.transaction() as q:
         package_rows = []
         for package_name, version in packages:
@@ -116,6 +121,13 @@ async def start_campaign(repo: Repository, campaign_id: int) -> int:
     """Start a draft campaign; return the number of executions created."""
     async with repo.transaction() as q:
         await _require(q, campaign_id)
+        busy = await q.overlapping_campaigns(campaign_id)
+        if busy:
+            raise CampaignError(
+                "group_busy",
+                f"campaign(s) {', '.join(busy)} still run on the same groups; "
+                "finish, pause-and-cancel, or wait for them first",
+            )
         started, count = await q.start_campaign(campaign_id)
         if not started:
             raise CampaignError("not_draft", f"campaign {campaign_id} has already been started")
@@ -125,12 +137,30 @@ async def start_campaign(repo: Repository, campaign_id: int) -> int:
 
 async def pause_campaign(repo: Repository, campaign_id: int, reason: str = "operator") -> None:
     """Stop widening and stop terminals that have not begun from beginning."""
-    await _set_control(repo, campaign_id, "paused", reason, ["running"], "paused")
+    async with repo.transaction() as q:
+        await _require(q, campaign_id)
+        if await q.set_control(campaign_id, "paused", reason, ["running"]) is None:
+            raise CampaignError("not_running", f"campaign {campaign_id} is not running")
+        await q.log_campaign(campaign_id, "operator", "paused", {"reason": reason})
 
 
 async def resume_campaign(repo: Repository, campaign_id: int) -> None:
-    """Resume a paused campaign."""
-    await _set_control(repo, campaign_id, "running", None, ["paused"], "resumed")
+    """Resume a paused campaign, accepting the failures so far.
+
+    Without that, an automatic pause would trip again on the very next tick: the failures
+    that caused it are final and do not go away. Thresholds count only new failures.
+    """
+    async with repo.transaction() as q:
+        await _require(q, campaign_id)
+        revision = await q.set_control(campaign_id, "running", None, ["paused"])
+        if revision is None:
+            raise CampaignError("not_paused", f"campaign {campaign_id} is not paused")
+        waves = _waves(await q.wave_counts(campaign_id), current_wave=0)
+        accepted = {w.wave: w.count(FAILURE) for w in waves if w.count(FAILURE)}
+        await q.acknowledge_failures(campaign_id, accepted)
+        await q.log_campaign(
+            campaign_id, "operator", "resumed", {"acknowledged_failures": accepted}
+        )
 
 
 async def cancel_campaign(repo: Repository, campaign_id: int) -> None:
@@ -144,24 +174,6 @@ async def cancel_campaign(repo: Repository, campaign_id: int) -> None:
             )
         await q.cancel_pending_executions(campaign_id)
         await q.log_campaign(campaign_id, "operator", "canceled", {})
-
-
-async def _set_control(
-    repo: Repository,
-    campaign_id: int,
-    control: str,
-    reason: str | None,
-    from_controls: list[str],
-    action: str,
-) -> None:
-    async with repo.transaction() as q:
-        await _require(q, campaign_id)
-        revision = await q.set_control(campaign_id, control, reason, from_controls)
-        if revision is None:
-            raise CampaignError(
-                f"not_{from_controls[0]}", f"campaign {campaign_id} is not {from_controls[0]}"
-            )
-        await q.log_campaign(campaign_id, "operator", action, {"reason": reason})
 
 
 async def _require(q: Queries, campaign_id: int) -> None:
@@ -262,14 +274,14 @@ async def campaign_status(repo: Repository, campaign_id: int) -> CampaignStatus:
 class CampaignRunner:
     """Publishes desired states and decides, every tick, to widen or to pause."""
 
-    def __init__(
-        self, repo: Repository, publisher: Publisher, *, artifact_base_url: str, tick_s: float
-    ) -> None:
+    def __init__(self, repo: Repository, publisher: Publisher, settings: FleetSettings) -> None:
         """Wire the runner to the repository and the MQTT publisher."""
         self._repo = repo
         self._publisher = publisher
-        self._artifact_base_url = artifact_base_url.rstrip("/")
-        self._tick_s = tick_s
+        self._artifact_base_url = settings.artifact_base_url.rstrip("/")
+        self._tick_s = settings.campaign_tick_s
+        self._cancel_grace_s = settings.cancel_grace_s
+        self._execution_timeout_s = settings.execution_timeout_s
         self._published: dict[int, int] = {}
         self.ticked = asyncio.Event()
 
@@ -292,15 +304,26 @@ class CampaignRunner:
         async with self._repo.connection() as q:
             campaigns = await q.live_campaigns()
         for campaign in campaigns:
-            if campaign.control == "running":
-                await self._evaluate(campaign)
+            try:
+                await self._expire(campaign)
+                if campaign.control == "running":
+                    await self._evaluate(campaign)
+            except DatabaseUnavailableError:
+                raise
+            except Exception:
+                # One broken campaign must not stop the others, nor ingest beside it.
+                logger.exception(
+                    "campaign %s not evaluated", campaign.name, extra={"action": "tick_failed"}
+                )
         async with self._repo.connection() as q:
             campaigns = await q.live_campaigns()
         for campaign in campaigns:
             if self._published.get(campaign.id) != campaign.desired_revision:
                 try:
                     await self._publish_desired(campaign.id)
-                except PublishError as exc:
+                except DatabaseUnavailableError:
+                    raise
+                except Exception as exc:
                     # Not marked as published: the next tick tries again.
                     logger.warning(
                         "desired state of campaign %s not published: %s",
@@ -309,19 +332,45 @@ class CampaignRunner:
                         extra={"action": "desired_publish_failed"},
                     )
 
+    async def _expire(self, campaign: LiveCampaign) -> None:
+        async with self._repo.transaction() as q:
+            timed_out = await q.time_out_stale_executions(campaign.id, self._execution_timeout_s)
+            canceled = await q.finish_canceling(campaign.id, self._cancel_grace_s)
+            if timed_out:
+                await q.log_campaign(
+                    campaign.id,
+                    "runner",
+                    "timed_out",
+                    {"terminals": timed_out[:100], "count": len(timed_out)},
+                )
+        if timed_out:
+            metrics.CAMPAIGN_DECISIONS.labels("timed_out").inc(len(timed_out))
+            logger.warning(
+                "campaign %s: %d executions timed out",
+                campaign.name,
+                len(timed_out),
+                extra={"action": "timed_out"},
+            )
+        if canceled:
+            metrics.CAMPAIGN_DECISIONS.labels("canceled").inc(len(canceled))
+
     async def _evaluate(self, campaign: LiveCampaign) -> None:
         async with self._repo.connection() as q:
             waves = _waves(await q.wave_counts(campaign.id), campaign.current_wave)
         for wave in waves:
-            if not wave.opened or wave.size == 0:
+            accepted = campaign.acknowledged_failures.get(wave.wave, 0)
+            counted = wave.size - accepted
+            if not wave.opened or counted <= 0:
                 continue
-            failures = wave.count(FAILURE)
-            if failures / wave.size > campaign.failure_threshold:
-                await self._pause_on_failures(campaign, wave, failures)
+            failures = wave.count(FAILURE) - accepted
+            if failures / counted > campaign.failure_threshold:
+                await self._pause_on_failures(campaign, wave, failures, counted)
                 return
         current = waves[campaign.current_wave - 1]
         succeeded = current.count(SUCCESS)
-        ready = current.size == 0 or succeeded / current.size >= campaign.success_threshold
+        # Failures an operator accepted by resuming count neither for nor against.
+        counted = current.size - campaign.acknowledged_failures.get(current.wave, 0)
+        ready = counted <= 0 or succeeded / counted >= campaign.success_threshold
         if ready and campaign.current_wave < campaign.wave_count:
             async with self._repo.transaction() as q:
                 revision = await q.open_wave(campaign.id, campaign.current_wave + 1)
@@ -334,7 +383,7 @@ class CampaignRunner:
                     {
                         "wave": campaign.current_wave + 1,
                         "previous_wave_succeeded": succeeded,
-                        "previous_wave_size": current.size,
+                        "previous_wave_counted": counted,
                         "success_threshold": campaign.success_threshold,
                     },
                 )
@@ -344,16 +393,16 @@ class CampaignRunner:
                 campaign.name,
                 campaign.current_wave + 1,
                 succeeded,
-                current.size,
+                counted,
                 extra={"action": "wave_opened"},
             )
 
     async def _pause_on_failures(
-        self, campaign: LiveCampaign, wave: WaveStatus, failures: int
+        self, campaign: LiveCampaign, wave: WaveStatus, failures: int, counted: int
     ) -> None:
         reason = (
-            f"wave {wave.wave}: {failures} of {wave.size} failed "
-            f"({failures / wave.size:.1%} > {campaign.failure_threshold:.1%})"
+            f"wave {wave.wave}: {failures} of {counted} failed "
+            f"({failures / counted:.1%} > {campaign.failure_threshold:.1%})"
         )
         async with self._repo.transaction() as q:
             revision = await q.set_control(campaign.id, "paused", reason, ["running"])
@@ -366,6 +415,7 @@ class CampaignRunner:
                 {
                     "wave": wave.wave,
                     "failed": failures,
+                    "counted": counted,
                     "size": wave.size,
                     "failure_threshold": campaign.failure_threshold,
                     "counts": wave.counts,

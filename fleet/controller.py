@@ -11,6 +11,7 @@ broker's session, the new process carries on where the old one stopped.
 import asyncio
 import logging
 
+from fleet import metrics
 from fleet.artifacts import ArtifactStore
 from fleet.campaigns import CampaignRunner, send_groups
 from fleet.db.repository import Repository, connect
@@ -23,26 +24,43 @@ from fleet.settings import FleetSettings
 logger = logging.getLogger(__name__)
 
 _MAINTENANCE_EVERY_S = 600.0
+_MAX_PENDING_REPLIES = 10_000
 
 
 async def run(
     settings: FleetSettings, stop: asyncio.Event, ready: asyncio.Event | None = None
 ) -> None:
     """Run the controller until `stop` is set; set `ready` once it serves."""
-    repo = await connect(settings.database_url, pool_size=settings.db_pool_size)
+    _warn_about_demo_secrets(settings)
+    repo = await connect(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        command_timeout_s=settings.db_command_timeout_s,
+    )
     try:
         async with repo.connection() as q:
             await q.ensure_heartbeat_partitions(settings.heartbeat_partition_days_ahead)
         inbox: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=settings.ingest_queue_max)
         session = MqttSession(settings, inbox)
-        await session.start()
         try:
+            await session.start()
             await _supervise(settings, repo, session, inbox, stop, ready)
         finally:
             await session.stop()
     finally:
         await repo.close()
     logger.info("controller stopped", extra={"action": "controller_stopped"})
+
+
+def _warn_about_demo_secrets(settings: FleetSettings) -> None:
+    defaults = FleetSettings.model_fields
+    for name in ("mqtt_password", "terminal_secret"):
+        if getattr(settings, name) == defaults[name].default:
+            logger.warning(
+                "FLEET_%s is the public default: fine for a demo, never for real terminals",
+                name.upper(),
+                extra={"action": "demo_secret"},
+            )
 
 
 async def _supervise(
@@ -53,13 +71,19 @@ async def _supervise(
     stop: asyncio.Event,
     ready: asyncio.Event | None,
 ) -> None:
-    async def tell_groups(terminal_id: str, groups: list[str]) -> None:
+    replies: asyncio.Queue[tuple[str, list[str]]] = asyncio.Queue(maxsize=_MAX_PENDING_REPLIES)
+
+    def after_hello(terminal_id: str, groups: list[str]) -> None:
         try:
-            await send_groups(session, terminal_id, groups, settings.command_expiry_s)
-        except PublishError as exc:
-            # The terminal keeps its configured groups; its next hello asks again.
+            replies.put_nowait((terminal_id, groups))
+        except asyncio.QueueFull:
+            # The terminal keeps its configured groups and asks again at its next boot.
+            metrics.COMMANDS_DROPPED.inc()
             logger.warning(
-                "groups of %s not sent: %s", terminal_id, exc, extra={"action": "command_failed"}
+                "groups reply to %s dropped: %d replies pending",
+                terminal_id,
+                replies.qsize(),
+                extra={"action": "command_dropped"},
             )
 
     ingest = Ingest(
@@ -67,29 +91,52 @@ async def _supervise(
         session,
         batch_max=settings.ingest_batch_max,
         batch_wait_s=settings.ingest_batch_wait_ms / 1000,
-        on_hello=tell_groups,
+        on_hello=after_hello,
     )
-    runner = CampaignRunner(
-        repo,
-        session,
-        artifact_base_url=settings.artifact_base_url,
-        tick_s=settings.campaign_tick_s,
-    )
+    runner = CampaignRunner(repo, session, settings)
     http = HttpServer(
         settings.http_host,
         settings.http_port,
         ArtifactStore(settings.artifact_dir),
-        health=session.connected.is_set,
+        health=session.healthy,
         grace_s=settings.shutdown_grace_s,
     )
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(ingest.run(inbox, stop), name="ingest")
+        tasks.create_task(_send_replies(session, replies, settings, stop), name="replies")
         tasks.create_task(runner.run(stop), name="campaign-runner")
         tasks.create_task(http.serve(stop), name="http")
         tasks.create_task(_maintenance(repo, settings, stop), name="maintenance")
         logger.info("controller serving", extra={"action": "controller_ready"})
         if ready is not None:
             ready.set()
+
+
+async def _send_replies(
+    session: MqttSession,
+    replies: asyncio.Queue[tuple[str, list[str]]],
+    settings: FleetSettings,
+    stop: asyncio.Event,
+) -> None:
+    """Answer each hello with the terminal's groups, off the ingest path."""
+    while True:
+        stopping = asyncio.ensure_future(stop.wait())
+        getting = asyncio.ensure_future(replies.get())
+        try:
+            await asyncio.wait({stopping, getting}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not getting.done():
+                getting.cancel()
+        if not getting.done() or getting.cancelled():
+            return
+        terminal_id, groups = getting.result()
+        try:
+            await send_groups(session, terminal_id, groups, settings.command_expiry_s)
+        except (PublishError, ValueError) as exc:
+            logger.warning(
+                "groups of %s not sent: %s", terminal_id, exc, extra={"action": "command_failed"}
+            )
 
 
 async def _maintenance(repo: Repository, settings: FleetSettings, stop: asyncio.Event) -> None:

@@ -7,6 +7,7 @@ Tree (add new errors here and to the tree; keep it additive)::
     ├── DatabaseError
     │   ├── DatabaseUnavailableError   PostgreSQL cannot be reached (retry later)
     │   ├── DuplicateError             a unique constraint refused a row
+    │   ├── QueryRefusedError          the database refused a statement's data
     │   └── SchemaVersionError         the database is not at this build's version
     └── CampaignError           an operator request that the campaign's state refuses
         └── NotFoundError       no such campaign, group, package or terminal
@@ -51,6 +52,19 @@ class DuplicateError(DatabaseError):
         """Keep the constraint's name."""
         super().__init__(f"already exists ({constraint})")
         self.constraint = constraint
+
+
+class QueryRefusedError(DatabaseError):
+    """The database refused a statement because of its data (a type, range or check).
+
+    Attributes:
+        sqlstate: PostgreSQL's error code, e.g. ``22003`` (numeric value out of range).
+    """
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        """Keep the SQLSTATE and PostgreSQL's message."""
+        super().__init__(f"{sqlstate}: {message}")
+        self.sqlstate = sqlstate
 
 
 class SchemaVersionError(DatabaseError):

@@ -11,14 +11,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
 from fleet import metrics
 from fleet.db.repository import HeartbeatRow, Queries, Repository
-from fleet.errors import DatabaseUnavailableError
+from fleet.errors import DatabaseUnavailableError, QueryRefusedError
 from fleet.mqtt import Incoming
 from fleet.protocol import (
     Heartbeat,
@@ -36,6 +36,8 @@ from fleet.protocol import (
 logger = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 10.0
+# What one message can cause that retrying the same batch would only repeat.
+_UNSTORABLE = (QueryRefusedError, ValueError, OverflowError)
 
 
 class Acker(Protocol):
@@ -45,16 +47,21 @@ class Acker(Protocol):
         """Send the PUBACK for `message`."""
 
 
-HelloHook = Callable[[str, list[str]], Awaitable[None]]
+#: Told, after commit, each terminal that said hello and its groups; must not block.
+HelloSink = Callable[[str, list[str]], None]
 
 
 @dataclass
 class _Batch:
-    """One batch, sorted by kind; `refused` holds (topic, reason, detail, payload)."""
+    """One batch, sorted by kind; `refused` holds (topic, reason, detail, payload).
+
+    `liveness` keeps, per terminal, the last presence or heartbeat in arrival order (and
+    whether it was a retained copy): that one decides whether the terminal is online.
+    """
 
     events: list[StateEvent] = field(default_factory=list)
     heartbeats: list[Heartbeat] = field(default_factory=list)
-    presence: list[Presence] = field(default_factory=list)
+    liveness: dict[str, tuple[Presence | Heartbeat, bool]] = field(default_factory=dict)
     hellos: list[Hello] = field(default_factory=list)
     refused: list[tuple[str, str, str, bytes]] = field(default_factory=list)
 
@@ -80,7 +87,7 @@ class Ingest:
         *,
         batch_max: int,
         batch_wait_s: float,
-        on_hello: HelloHook | None = None,
+        on_hello: HelloSink | None = None,
     ) -> None:
         """Wire ingest to the repository and to the session that acks."""
         self._repo = repo
@@ -90,7 +97,7 @@ class Ingest:
         self._on_hello = on_hello
 
     async def run(self, inbox: asyncio.Queue[Incoming], stop: asyncio.Event) -> None:
-        """Take batches from `inbox` until `stop` is set and the inbox is drained."""
+        """Take batches from `inbox` until `stop` is set; what is left stays un-acked."""
         while True:
             batch = await self._take(inbox, stop)
             if batch is None:
@@ -103,7 +110,7 @@ class Ingest:
                 self._acker.ack(message)
             if self._on_hello is not None:
                 for tid, groups in result.hello_groups.items():
-                    await self._on_hello(tid, groups)
+                    self._on_hello(tid, groups)
 
     async def _take(
         self, inbox: asyncio.Queue[Incoming], stop: asyncio.Event
@@ -136,6 +143,14 @@ class Ingest:
         while True:
             try:
                 return await self.write(messages)
+            except _UNSTORABLE as exc:
+                logger.warning(
+                    "batch of %d refused by the database (%s); writing one by one",
+                    len(messages),
+                    exc,
+                    extra={"action": "batch_refused"},
+                )
+                return await self._write_singly(messages)
             except DatabaseUnavailableError as exc:
                 metrics.DB_BATCH_RETRIES.inc()
                 logger.warning(
@@ -144,14 +159,35 @@ class Ingest:
                     exc,
                     extra={"action": "ingest_retry"},
                 )
-                try:
-                    async with asyncio.timeout(backoff):
-                        await stop.wait()
-                except TimeoutError:
-                    backoff = min(backoff * 2, _MAX_BACKOFF_S)
-                    continue
-                # Stopping: leave the batch un-acked; the broker redelivers it next time.
-                return None
+            try:
+                async with asyncio.timeout(backoff):
+                    await stop.wait()
+            except TimeoutError:
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                continue
+            # Stopping: leave the batch un-acked; the broker redelivers it next time.
+            return None
+
+    async def _write_singly(self, messages: list[Incoming]) -> BatchResult:
+        """Isolate the message the database refuses, so one terminal cannot stall ingest.
+
+        Each message gets its own transaction; one refused again is kept as a dead letter
+        (`unstorable`) and acknowledged like any other refused input. A database outage
+        still propagates, and the whole batch is then retried as usual.
+        """
+        hello_groups: dict[str, list[str]] = {}
+        for message in messages:
+            try:
+                result = await self.write([message])
+            except _UNSTORABLE as exc:
+                metrics.INGEST_REJECTED.labels(RejectReason.UNSTORABLE.value).inc()
+                async with self._repo.transaction() as q:
+                    await q.add_dead_letters(
+                        [(message.topic, RejectReason.UNSTORABLE.value, str(exc), message.payload)]
+                    )
+                continue
+            hello_groups.update(result.hello_groups)
+        return BatchResult(hello_groups=hello_groups)
 
     async def write(self, messages: list[Incoming]) -> BatchResult:
         """Validate and store one batch in one transaction; ack nothing."""
@@ -245,12 +281,23 @@ class Ingest:
             await q.copy_heartbeats(rows)
 
     async def _write_presence(self, q: Queries, batch: _Batch) -> None:
-        if not batch.presence:
+        # A heartbeat already marked its terminal online; only a presence message that was
+        # the terminal's last word in this batch changes that.
+        last = [
+            (message, retained)
+            for message, retained in batch.liveness.values()
+            if isinstance(message, Presence)
+        ]
+        if not last:
             return
         known = await q.set_presence(
-            [p.tid for p in batch.presence], [p.online for p in batch.presence]
+            [p.tid for p, _ in last],
+            [p.online for p, _ in last],
+            # A retained presence is the broker's memory, not news: it says whether the
+            # terminal is online, not that it was seen now.
+            [not retained for _, retained in last],
         )
-        for p in batch.presence:
+        for p, _ in last:
             if p.tid not in known:
                 batch.refuse(_topic_of(p), RejectReason.UNKNOWN_TERMINAL, p.tid, p.to_bytes())
 
@@ -269,6 +316,11 @@ def _sort(messages: list[Incoming]) -> _Batch:
                 extra={"action": "message_refused"},
             )
             continue
+        if message.retain and not isinstance(decoded, Presence):
+            # Only presence is meant to be retained; a retained heartbeat or event would be
+            # replayed as news on every controller reconnect.
+            batch.refuse(message.topic, RejectReason.RETAINED, "retained", message.payload)
+            continue
         match decoded:
             case StateEvent():
                 metrics.INGEST_MESSAGES.labels("events").inc()
@@ -276,9 +328,10 @@ def _sort(messages: list[Incoming]) -> _Batch:
             case Heartbeat():
                 metrics.INGEST_MESSAGES.labels("heartbeat").inc()
                 batch.heartbeats.append(decoded)
+                batch.liveness[decoded.tid] = (decoded, False)
             case Presence():
                 metrics.INGEST_MESSAGES.labels("presence").inc()
-                batch.presence.append(decoded)
+                batch.liveness[decoded.tid] = (decoded, message.retain)
             case Hello():
                 metrics.INGEST_MESSAGES.labels("hello").inc()
                 batch.hellos.append(decoded)

@@ -5,15 +5,19 @@ or write what, the broker's dynamic-security configuration, in that order: a ter
 exists in the database but not yet in the broker cannot connect, which is the safe side.
 """
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fleet.artifacts import ArtifactStore
 from fleet.broker_admin import BrokerAdmin
+from fleet.campaigns import send_groups
 from fleet.db.repository import Repository
 from fleet.errors import CampaignError
-from fleet.protocol import PackageKind, is_valid_id
+from fleet.protocol import MAX_MODELS, PackageKind, is_valid_id
+
+_VERSION_RE = re.compile(r"[A-Za-z0-9._+-]{1,64}")
 
 
 async def provision_terminals(
@@ -41,12 +45,26 @@ async def create_group(repo: Repository, admin: BrokerAdmin, name: str) -> None:
 
 
 async def assign_group(
-    repo: Repository, admin: BrokerAdmin, group: str, terminal_ids: Sequence[str]
+    repo: Repository,
+    admin: BrokerAdmin,
+    group: str,
+    terminal_ids: Sequence[str],
+    *,
+    command_expiry_s: int = 3600,
 ) -> None:
-    """Add terminals to a group; they may read its desired state from now on."""
+    """Add terminals to a group, let them read its desired state, and tell them so.
+
+    Each terminal gets a `groups` command with its whole list; one that is offline finds
+    it in its persistent session when it returns (until the command expires), and any
+    terminal learns it again from the controller's reply to its next hello.
+    """
     async with repo.transaction() as q:
         await q.assign_group(group, terminal_ids)
     await admin.add_to_group(group, terminal_ids)
+    for terminal_id in terminal_ids:
+        async with repo.connection() as q:
+            groups = await q.terminal_groups(terminal_id)
+        await send_groups(admin, terminal_id, groups, command_expiry_s)
 
 
 async def add_package(
@@ -60,8 +78,12 @@ async def add_package(
     models: Sequence[str],
 ) -> int:
     """Store a package file content-addressed and register it; size and sha256 computed."""
-    if not models:
-        raise CampaignError("bad_package", "a package needs at least one compatible model")
+    if not 1 <= len(models) <= MAX_MODELS or any(not 0 < len(m) <= 64 for m in models):
+        raise CampaignError(
+            "bad_package", f"a package names 1 to {MAX_MODELS} models of at most 64 characters"
+        )
+    if not is_valid_id(name) or not _VERSION_RE.fullmatch(version):
+        raise CampaignError("bad_package", f"invalid package name or version {name}={version}")
     stored = store.add_file(path)
     async with repo.transaction() as q:
         return await q.add_package(name, kind.value, version, stored.size, stored.sha256, models)

@@ -51,6 +51,10 @@ DESIRED_PUBLISHED = Counter(
     "fleet_desired_published_total",
     "Retained desired-state messages published to groups.",
 )
+COMMANDS_DROPPED = Counter(
+    "fleet_commands_dropped_total",
+    "Replies to terminals dropped because too many were pending (the terminal asks again).",
+)
 COMMANDS_PUBLISHED = Counter(
     "fleet_commands_published_total",
     "Per-terminal commands published, by kind.",

@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fleet import metrics
 from fleet.errors import FleetError
@@ -28,6 +29,8 @@ from fleet.protocol import MessageKind, terminal_subscription
 from fleet.settings import FleetSettings
 
 logger = logging.getLogger(__name__)
+
+_MAX_QUEUED_PUBLISHES = 10_000
 
 SUBSCRIPTIONS = tuple(
     terminal_subscription(kind)
@@ -80,12 +83,17 @@ class MqttSession:
         )
         self._client.username_pw_set(settings.mqtt_username, settings.mqtt_password)
         self._client.max_inflight_messages_set(1000)
-        self._client.max_queued_messages_set(0)
+        # Bounded: while disconnected, paho keeps what we publish; past this, publish fails.
+        self._client.max_queued_messages_set(_MAX_QUEUED_PUBLISHES)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
+        #: False once the broker refused one of ingest's subscriptions (an ACL mistake):
+        #: the controller would otherwise look healthy while receiving nothing.
+        self.subscribed_ok = True
 
     async def start(self, connect_timeout_s: float = 30.0) -> None:
         """Connect (in paho's thread) and wait for the first CONNACK."""
@@ -152,8 +160,9 @@ class MqttSession:
             async with asyncio.timeout(self._settings.mqtt_publish_timeout_s):
                 await future
         except TimeoutError:
-            self._pending.pop(info.mid, None)
             raise PublishError(f"no PUBACK for {topic} in time") from None
+        finally:
+            self._pending.pop(info.mid, None)
 
     # -- paho thread ------------------------------------------------------------------
 
@@ -172,7 +181,10 @@ class MqttSession:
         metrics.MQTT_CONNECTS.inc()
         # Re-sent on every CONNACK: cheap, and correct even if the session was lost.
         if self._subscribe:
-            client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
+            # Retain handling 1: retained presence only when the subscription is new, not
+            # again on every reconnect of the same persistent session [MQTT-3.8.3-1].
+            options = SubscribeOptions(qos=1, retainHandling=1)
+            client.subscribe([(topic, options) for topic in SUBSCRIPTIONS])
         logger.info("MQTT connected", extra={"action": "mqtt_connected"})
         self._call_soon(self.connected.set)
 
@@ -210,6 +222,27 @@ class MqttSession:
             else:
                 return
         future.cancel()
+
+    def _on_subscribe(
+        self,
+        _client: paho.Client,
+        _userdata: object,
+        _mid: int,
+        reasons: list[ReasonCode],
+        _props: Properties | None,
+    ) -> None:
+        refused = [str(code) for code in reasons if code.is_failure]
+        if refused:
+            self.subscribed_ok = False
+            logger.error(
+                "broker refused ingest subscriptions: %s",
+                refused,
+                extra={"action": "subscribe_refused"},
+            )
+
+    def healthy(self) -> bool:
+        """Connected, and every ingest subscription was granted."""
+        return self.connected.is_set() and self.subscribed_ok
 
     def _on_publish(
         self,

@@ -41,14 +41,23 @@ MAX_PAYLOAD_BYTES = 8192
 #: Terminal ids and group names: a safe charset that fills exactly one topic level.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _ID_RE = re.compile(ID_PATTERN)
+_NUL_ESCAPE = re.compile(rb"\\u0000", re.IGNORECASE)
 
 BUCKETS = 10_000
+#: Packages in one desired state, and models one package may name.
+MAX_PACKAGES = 8
+MAX_MODELS = 64
 
 TerminalId = Annotated[str, Field(pattern=ID_PATTERN)]
 GroupName = Annotated[str, Field(pattern=ID_PATTERN)]
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Version = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._+-]+$")]
 ShortText = Annotated[str, Field(max_length=200)]
+#: Unix seconds between 2001 and 2100: finite, and storable as a PostgreSQL timestamptz.
+Timestamp = Annotated[float, Field(ge=1e9, le=4.1e9, allow_inf_nan=False)]
+#: Integers that fit the database's bigint and integer columns.
+BigInt = Annotated[int, Field(ge=1, le=2**63 - 1)]
+SmallCount = Annotated[int, Field(ge=0, le=2**31 - 1)]
 MessageId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 
 
@@ -164,7 +173,7 @@ class PackageRef(_Message):
     url: Annotated[str, Field(max_length=512)]
     size: Annotated[int, Field(ge=0)]
     sha256: Sha256Hex
-    models: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)]
+    models: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=MAX_MODELS)]
 
 
 class BucketRange(_Message):
@@ -189,12 +198,12 @@ class DesiredState(_Message):
     """A group's desired state: the campaign's packages and which buckets may start."""
 
     group: GroupName
-    campaign_id: Annotated[int, Field(ge=1)]
-    revision: Annotated[int, Field(ge=1)]
+    campaign_id: BigInt
+    revision: BigInt
     status: Literal["active", "paused", "canceled"]
-    packages: Annotated[list[PackageRef], Field(min_length=1, max_length=8)]
+    packages: Annotated[list[PackageRef], Field(min_length=1, max_length=MAX_PACKAGES)]
     buckets: BucketRange
-    issued_at: float
+    issued_at: Timestamp
 
 
 class CommandKind(enum.StrEnum):
@@ -212,9 +221,9 @@ class Command(_Message):
     msg_id: MessageId
     tid: TerminalId
     kind: CommandKind
-    issued_at: float
-    expires_at: float
-    campaign_id: Annotated[int, Field(ge=1)] | None = None
+    issued_at: Timestamp
+    expires_at: Timestamp
+    campaign_id: BigInt | None = None
     groups: Annotated[list[GroupName], Field(max_length=64)] | None = None
 
 
@@ -223,10 +232,10 @@ class StateEvent(_Message):
 
     msg_id: MessageId
     tid: TerminalId
-    seq: Annotated[int, Field(ge=1)]
-    campaign_id: Annotated[int, Field(ge=1)]
+    seq: BigInt
+    campaign_id: BigInt
     state: ExecState
-    ts: float
+    ts: Timestamp
     progress: Annotated[int, Field(ge=0, le=100)] | None = None
     stage: Annotated[str, Field(max_length=32)] | None = None
     error_code: Annotated[str, Field(max_length=64, pattern=r"^[A-Z0-9_]+$")] | None = None
@@ -240,17 +249,22 @@ class StateEvent(_Message):
         return self
 
 
-HealthValue = bool | int | float | Annotated[str, Field(max_length=64)]
+HealthValue = (
+    bool
+    | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+    | Annotated[float, Field(allow_inf_nan=False)]
+    | Annotated[str, Field(max_length=64)]
+)
 
 
 class Heartbeat(_Message):
     """Periodic health report."""
 
     tid: TerminalId
-    ts: float
+    ts: Timestamp
     versions: Annotated[dict[Annotated[str, Field(max_length=64)], Version], Field(max_length=16)]
     battery_pct: Annotated[int, Field(ge=0, le=100)]
-    storage_free_mb: Annotated[int, Field(ge=0)]
+    storage_free_mb: SmallCount
     busy: bool
     health: Annotated[dict[Annotated[str, Field(max_length=32)], HealthValue], Field(max_length=16)]
 
@@ -260,7 +274,7 @@ class Presence(_Message):
 
     tid: TerminalId
     online: bool
-    ts: float
+    ts: Timestamp
 
 
 class Hello(_Message):
@@ -276,7 +290,7 @@ class Hello(_Message):
         dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=256)]],
         Field(max_length=32),
     ]
-    ts: float
+    ts: Timestamp
 
 
 _M = TypeVar("_M", bound=_Message)
@@ -302,6 +316,8 @@ class RejectReason(enum.StrEnum):
     TID_MISMATCH = "tid_mismatch"
     UNKNOWN_TERMINAL = "unknown_terminal"
     UNKNOWN_EXECUTION = "unknown_execution"
+    RETAINED = "retained"
+    UNSTORABLE = "unstorable"
 
 
 class ProtocolError(ValueError):
@@ -333,6 +349,9 @@ def decode(topic: str, payload: bytes) -> TerminalMessage:
         raise ProtocolError(RejectReason.BAD_TOPIC, topic)
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise ProtocolError(RejectReason.TOO_LARGE, f"{len(payload)} bytes")
+    if _NUL_ESCAPE.search(payload):
+        # PostgreSQL text and jsonb cannot hold U+0000; refuse it here, not in a batch.
+        raise ProtocolError(RejectReason.INVALID, "U+0000 in a string")
     try:
         raw = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -21,6 +21,12 @@ class FleetSettings(BaseSettings):
         description="PostgreSQL DSN of the fleet database.",
     )
     db_pool_size: int = Field(8, ge=2, description="Connections in the database pool.")
+    db_command_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long one statement, or waiting for a pooled connection, may take "
+        "before the database counts as unavailable (and ingest retries).",
+    )
 
     mqtt_host: str = Field("127.0.0.1", description="MQTT broker host.")
     mqtt_port: int = Field(1883, description="MQTT broker port.")
@@ -83,6 +89,18 @@ class FleetSettings(BaseSettings):
 
     campaign_tick_s: float = Field(
         1.0, gt=0, description="How often the campaign runner re-evaluates running campaigns."
+    )
+    cancel_grace_s: float = Field(
+        300.0,
+        ge=0,
+        description="After a cancel, how long an execution whose terminal has not reported "
+        "stays canceling (its first report may be in flight) before it ends canceled.",
+    )
+    execution_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="An execution under way that has not moved for this long ends as "
+        "timed_out (and counts as a failure).",
     )
     command_expiry_s: int = Field(
         3600, ge=1, description="MQTT message expiry of per-terminal commands."

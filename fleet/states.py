@@ -34,6 +34,7 @@ class ExecState(StrEnum):
     ALREADY_INSTALLED = "already_installed"
     TIMED_OUT = "timed_out"
     CANCELED = "canceled"
+    CANCELING = "canceling"
     UNREACHABLE = "unreachable"
 
 
@@ -59,8 +60,11 @@ FAILURE: frozenset[ExecState] = frozenset({S.FAILED, S.ROLLED_BACK, S.REJECTED, 
 
 #: States only the controller may set; a terminal reporting one is refused.
 CONTROLLER_ONLY: frozenset[ExecState] = frozenset(
-    {S.PENDING, S.TIMED_OUT, S.CANCELED, S.UNREACHABLE}
+    {S.PENDING, S.TIMED_OUT, S.CANCELED, S.CANCELING, S.UNREACHABLE}
 )
+
+#: The states a terminal reports when it begins (or declines) an update.
+_FIRST_REPORTS = frozenset({S.QUEUED, S.DEFERRED, S.DOWNLOADING, S.REJECTED, S.ALREADY_INSTALLED})
 
 REPORTABLE: frozenset[ExecState] = frozenset(ExecState) - CONTROLLER_ONLY
 
@@ -70,9 +74,11 @@ _CANCELABLE = frozenset({S.CANCELED})
 #: from-state -> the states it may move to. A state listed as its own successor accepts
 #: repeated reports (progress updates); any other repeat is a no-op refused by the guard.
 ALLOWED: dict[ExecState, frozenset[ExecState]] = {
-    S.PENDING: frozenset({S.QUEUED, S.DEFERRED, S.DOWNLOADING, S.REJECTED, S.ALREADY_INSTALLED})
-    | _ABORTS
-    | _CANCELABLE,
+    S.PENDING: _FIRST_REPORTS | _ABORTS | {S.CANCELING},
+    # Cancel asked while the terminal had not reported: its first report may still be in
+    # flight (it saw the campaign before the cancel) and wins; otherwise the runner ends
+    # the execution as canceled after a grace period.
+    S.CANCELING: _FIRST_REPORTS | _ABORTS | _CANCELABLE,
     S.QUEUED: frozenset({S.DEFERRED, S.DOWNLOADING, S.REJECTED, S.ALREADY_INSTALLED})
     | _ABORTS
     | _CANCELABLE,

@@ -51,6 +51,7 @@ def make_settings(broker: Mosquitto, database_url: str, workdir: Path) -> FleetS
         artifact_base_url=f"http://127.0.0.1:{http_port}",
         artifact_dir=workdir / "artifacts",
         campaign_tick_s=0.1,
+        cancel_grace_s=0.5,
         terminal_secret=TERMINAL_SECRET,
         shutdown_grace_s=2.0,
     )
@@ -134,14 +135,17 @@ class Stack:
         ready_wait.cancel()
         if self._controller in done:
             self._controller.result()
-        assert ready.is_set(), "controller did not get ready"
+        if not ready.is_set():
+            await self.stop_controller()
+            raise AssertionError("controller did not get ready")
 
     async def stop_controller(self) -> None:
         """Stop the in-loop controller and re-raise anything it failed with."""
         if self._controller is not None:
             self._controller_stop.set()
             task, self._controller = self._controller, None
-            await task
+            async with asyncio.timeout(60):
+                await task
 
     # -- the controller, as a separate process -----------------------------------------
 
@@ -208,7 +212,8 @@ async def running(simulator: Simulator) -> AsyncIterator[Simulator]:
         yield simulator
     finally:
         stop.set()
-        await task
+        async with asyncio.timeout(60):
+            await task
 
 
 def terminal_ids(count: int) -> list[str]:

@@ -79,7 +79,8 @@ def test_operator_workflow(cli_env: Path, capsys: pytest.CaptureFixture[str]) ->
     _run(capsys, "campaign", "cancel", "spring")
     status = json.loads(_run(capsys, "campaign", "status", "spring", "--json"))
     assert status["status"] == "canceled"
-    assert status["totals"] == {"canceled": 2}
+    # No controller runs here: the executions wait out the grace period as canceling.
+    assert status["totals"] == {"canceling": 2}
 
 
 def test_refusals_are_clear_errors(cli_env: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -39,7 +39,7 @@ def _event(tid: str, campaign_id: int, seq: int, state: ExecState, **extra: obje
         seq=seq,
         campaign_id=campaign_id,
         state=state,
-        ts=1.0,
+        ts=1_764_000_000.0,
         **extra,  # type: ignore[arg-type]
     )
 

@@ -49,7 +49,7 @@ def _event(**changes: object) -> dict[str, object]:
         "seq": 1,
         "campaign_id": 1,
         "state": "queued",
-        "ts": 1.5,
+        "ts": 1_764_000_000.5,
     }
     event.update(changes)
     return event
@@ -115,7 +115,7 @@ def test_every_message_carries_the_protocol_version() -> None:
             )
         ],
         buckets=p.BucketRange(hi=1000),
-        issued_at=1.0,
+        issued_at=1_764_000_000.0,
     )
     assert json.loads(desired.to_bytes())["v"] == 1
     assert p.decode_desired(desired.to_bytes()) == desired

@@ -85,8 +85,9 @@ RETURNING t.id;
 
 -- name: set_presence
 UPDATE terminals t
-SET online = p.online, last_seen = greatest(t.last_seen, now())
-FROM unnest($1::text[], $2::boolean[]) AS p (id, online)
+SET online = p.online,
+    last_seen = CASE WHEN p.fresh THEN greatest(t.last_seen, now()) ELSE t.last_seen END
+FROM unnest($1::text[], $2::boolean[], $3::boolean[]) AS p (id, online, fresh)
 WHERE t.id = p.id
 RETURNING t.id;
 
@@ -168,8 +169,42 @@ RETURNING desired_revision;
 
 -- name: cancel_pending_executions
 UPDATE executions
-SET state = 'canceled', updated_at = now(), finished_at = now()
+SET state = 'canceling', updated_at = now()
 WHERE campaign_id = $1 AND state = 'pending';
+
+-- name: finish_canceling
+-- A terminal that had not reported within the grace period never saw the campaign active.
+UPDATE executions
+SET state = 'canceled', updated_at = now(), finished_at = now()
+WHERE campaign_id = $1 AND state = 'canceling' AND updated_at < now() - make_interval(secs => $2)
+RETURNING terminal_id;
+
+-- name: time_out_stale_executions
+-- Executions under way that have not moved for too long end as timed_out, through the same
+-- transition table as every other change.
+UPDATE executions e
+SET state = 'timed_out', stage = coalesce(e.stage, e.state), error_code = 'DEADLINE_EXCEEDED',
+    updated_at = now(), finished_at = now()
+WHERE e.campaign_id = $1
+  AND e.state NOT IN ('pending', 'canceling')
+  AND e.updated_at < now() - make_interval(secs => $2)
+  AND EXISTS (
+      SELECT 1 FROM state_transitions t WHERE t.from_state = e.state AND t.to_state = 'timed_out')
+RETURNING e.terminal_id;
+
+-- name: overlapping_campaigns
+-- Other campaigns, still under way, that target one of this campaign's groups.
+SELECT DISTINCT c.id, c.name
+FROM campaign_groups mine
+JOIN campaign_groups theirs ON theirs.group_name = mine.group_name
+JOIN campaigns c ON c.id = theirs.campaign_id
+WHERE mine.campaign_id = $1 AND c.id <> $1 AND c.control IN ('running', 'paused')
+  AND EXISTS (
+      SELECT 1 FROM executions e JOIN execution_states s ON s.state = e.state
+      WHERE e.campaign_id = c.id AND NOT s.final);
+
+-- name: acknowledge_failures
+UPDATE campaigns SET acknowledged_failures = $2 WHERE id = $1;
 
 -- name: open_wave
 UPDATE campaigns
@@ -182,7 +217,7 @@ UPDATE campaign_waves SET opened_at = now() WHERE campaign_id = $1 AND wave = $2
 
 -- name: live_campaigns
 SELECT id, name, control, current_wave, success_threshold, failure_threshold,
-       desired_revision,
+       desired_revision, acknowledged_failures,
        (SELECT count(*) FROM campaign_waves w WHERE w.campaign_id = c.id)::int AS wave_count
 FROM campaigns c
 WHERE control <> 'draft'
@@ -196,12 +231,18 @@ FROM campaigns c
 WHERE id = $1;
 
 -- name: campaign_desired
--- Everything a desired-state message needs: groups, ordered packages, open bucket range.
+-- Everything a desired-state message needs: ordered packages, open bucket range, and the
+-- groups it speaks for: those whose newest started campaign is this one (a group has one
+-- retained desired state, so an older campaign must not overwrite a newer one's).
 SELECT c.id, c.control, c.desired_revision,
        coalesce((SELECT w.bucket_hi FROM campaign_waves w
                  WHERE w.campaign_id = c.id AND w.wave = c.current_wave), 0) AS bucket_hi,
-       ARRAY(SELECT group_name FROM campaign_groups g
-             WHERE g.campaign_id = c.id ORDER BY group_name) AS groups,
+       ARRAY(SELECT g.group_name FROM campaign_groups g
+             WHERE g.campaign_id = c.id
+               AND NOT EXISTS (
+                   SELECT 1 FROM campaign_groups newer JOIN campaigns n ON n.id = newer.campaign_id
+                   WHERE newer.group_name = g.group_name AND n.id > c.id AND n.control <> 'draft')
+             ORDER BY g.group_name) AS groups,
        (SELECT jsonb_agg(jsonb_build_object(
                    'name', p.name, 'kind', p.kind, 'version', p.version, 'size', p.size,
                    'sha256', p.sha256, 'models', p.compatible_models)

@@ -19,7 +19,12 @@ if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
 from fleet.db.migrate import SCHEMA_VERSION, applied_version
-from fleet.errors import DatabaseUnavailableError, DuplicateError, SchemaVersionError
+from fleet.errors import (
+    DatabaseUnavailableError,
+    DuplicateError,
+    QueryRefusedError,
+    SchemaVersionError,
+)
 
 _NAME_RE = re.compile(r"^-- name: ([a-z_]+)\s*$", re.MULTILINE)
 
@@ -71,6 +76,7 @@ class LiveCampaign:
     success_threshold: float
     failure_threshold: float
     desired_revision: int
+    acknowledged_failures: dict[int, int]
 
 
 @dataclass(frozen=True)
@@ -227,9 +233,11 @@ class Queries:
             columns=HEARTBEAT_COLUMNS,
         )
 
-    async def set_presence(self, ids: Sequence[str], online: Sequence[bool]) -> set[str]:
-        """Set online flags; return the ids that exist."""
-        rows = await self._conn.fetch(QUERIES["set_presence"], list(ids), list(online))
+    async def set_presence(
+        self, ids: Sequence[str], online: Sequence[bool], fresh: Sequence[bool]
+    ) -> set[str]:
+        """Set online flags (and last-seen where `fresh`); return the ids that exist."""
+        rows = await self._conn.fetch(QUERIES["set_presence"], list(ids), list(online), list(fresh))
         return {r["id"] for r in rows}
 
     async def record_hello(
@@ -315,8 +323,31 @@ class Queries:
         return revision
 
     async def cancel_pending_executions(self, campaign_id: int) -> None:
-        """Cancel executions whose terminals have not started."""
+        """Mark executions whose terminals have not reported as canceling."""
         await self._conn.execute(QUERIES["cancel_pending_executions"], campaign_id)
+
+    async def finish_canceling(self, campaign_id: int, grace_s: float) -> list[str]:
+        """End as canceled the canceling executions older than `grace_s`; return them."""
+        rows = await self._conn.fetch(QUERIES["finish_canceling"], campaign_id, grace_s)
+        return [r["terminal_id"] for r in rows]
+
+    async def time_out_stale_executions(self, campaign_id: int, timeout_s: float) -> list[str]:
+        """End as timed_out the executions under way that did not move for `timeout_s`."""
+        rows = await self._conn.fetch(QUERIES["time_out_stale_executions"], campaign_id, timeout_s)
+        return [r["terminal_id"] for r in rows]
+
+    async def overlapping_campaigns(self, campaign_id: int) -> list[str]:
+        """Names of other unfinished campaigns sharing a group with this one."""
+        rows = await self._conn.fetch(QUERIES["overlapping_campaigns"], campaign_id)
+        return [r["name"] for r in rows]
+
+    async def acknowledge_failures(self, campaign_id: int, failures: dict[int, int]) -> None:
+        """Record the failures per wave an operator accepted by resuming."""
+        await self._conn.execute(
+            QUERIES["acknowledge_failures"],
+            campaign_id,
+            json.dumps({str(wave): n for wave, n in failures.items()}),
+        )
 
     async def open_wave(self, campaign_id: int, wave: int) -> int | None:
         """Open `wave` if `wave - 1` is current; return the new revision, None if refused."""
@@ -328,7 +359,17 @@ class Queries:
     async def live_campaigns(self) -> list[LiveCampaign]:
         """Return every campaign past draft."""
         rows = await self._conn.fetch(QUERIES["live_campaigns"])
-        return [LiveCampaign(**dict(r)) for r in rows]
+        return [
+            LiveCampaign(
+                **{
+                    **dict(r),
+                    "acknowledged_failures": {
+                        int(wave): n for wave, n in json.loads(r["acknowledged_failures"]).items()
+                    },
+                }
+            )
+            for r in rows
+        ]
 
     async def campaign(self, campaign_id: int) -> asyncpg.Record | None:
         """Return a campaign row."""
@@ -374,22 +415,26 @@ class Queries:
 class Repository:
     """A pool of connections handing out `Queries`, with errors translated."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout_s: float = 30.0) -> None:
         """Wrap a pool."""
         self._pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Queries]:
         """Run queries in one transaction; it commits when the block ends cleanly."""
         with _translated():
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with (
+                self._pool.acquire(timeout=self._acquire_timeout_s) as conn,
+                conn.transaction(),
+            ):
                 yield Queries(conn)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Queries]:
         """Run queries in autocommit mode."""
         with _translated():
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
                 yield Queries(conn)
 
     async def close(self) -> None:
@@ -423,6 +468,8 @@ class _translated:  # noqa: N801 - used like a function, as a context manager
             raise DatabaseUnavailableError(str(exc) or type(exc).__name__) from exc
         if isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc).lower():
             raise DatabaseUnavailableError(str(exc)) from exc
+        if isinstance(exc, asyncpg.PostgresError):
+            raise QueryRefusedError(exc.sqlstate or "", str(exc)) from exc
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -430,7 +477,9 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.execute("SET synchronous_commit = on")
 
 
-async def connect(dsn: str, *, pool_size: int = 8, check_schema: bool = True) -> Repository:
+async def connect(
+    dsn: str, *, pool_size: int = 8, command_timeout_s: float = 30.0, check_schema: bool = True
+) -> Repository:
     """Open a pool and, unless told not to, refuse a database at the wrong schema version.
 
     Raises:
@@ -438,7 +487,13 @@ async def connect(dsn: str, *, pool_size: int = 8, check_schema: bool = True) ->
         DatabaseUnavailableError: the database cannot be reached.
     """
     try:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size, init=_init_connection)
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=pool_size,
+            init=_init_connection,
+            command_timeout=command_timeout_s,
+        )
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError) as exc:
         raise DatabaseUnavailableError(str(exc)) from exc
     if check_schema:
@@ -447,4 +502,4 @@ async def connect(dsn: str, *, pool_size: int = 8, check_schema: bool = True) ->
         if found != SCHEMA_VERSION:
             await pool.close()
             raise SchemaVersionError(expected=SCHEMA_VERSION, found=found)
-    return Repository(pool)
+    return Repository(pool, acquire_timeout_s=command_timeout_s)

@@ -63,14 +63,17 @@ INSERT INTO execution_states (state, final) VALUES
     ('pending', false), ('queued', false), ('deferred', false), ('downloading', false),
     ('downloaded', false), ('verifying', false), ('verified', false), ('backing_up', false),
     ('installing', false), ('rebooting', false), ('self_testing', false),
-    ('unreachable', false),
+    ('unreachable', false), ('canceling', false),
     ('succeeded', true), ('failed', true), ('rolled_back', true), ('rejected', true),
     ('already_installed', true), ('timed_out', true), ('canceled', true);
 
 INSERT INTO state_transitions (from_state, to_state)
 SELECT f, t FROM (VALUES
     ('pending', 'queued'), ('pending', 'deferred'), ('pending', 'downloading'),
-    ('pending', 'rejected'), ('pending', 'already_installed'),
+    ('pending', 'rejected'), ('pending', 'already_installed'), ('pending', 'canceling'),
+    -- A cancel raced the terminal's first report: the report wins.
+    ('canceling', 'queued'), ('canceling', 'deferred'), ('canceling', 'downloading'),
+    ('canceling', 'rejected'), ('canceling', 'already_installed'),
     ('queued', 'deferred'), ('queued', 'downloading'), ('queued', 'rejected'),
     ('queued', 'already_installed'),
     ('deferred', 'deferred'), ('deferred', 'queued'), ('deferred', 'downloading'),
@@ -92,14 +95,14 @@ WHERE NOT s.final AND s.state <> 'unreachable'
 UNION ALL
 -- Cancel reaches an execution only before it starts changing the terminal.
 SELECT c, 'canceled' FROM (VALUES
-    ('pending'), ('queued'), ('deferred'), ('downloading'), ('downloaded'), ('verified'),
-    ('unreachable')
+    ('queued'), ('deferred'), ('downloading'), ('downloaded'), ('verified'),
+    ('canceling'), ('unreachable')
 ) AS cancelable (c)
 UNION ALL
 -- A terminal that comes back reports where it is, and resumes from there.
 SELECT 'unreachable', s.state
 FROM execution_states s
-WHERE s.state NOT IN ('pending', 'unreachable', 'canceled');
+WHERE s.state NOT IN ('pending', 'unreachable', 'canceled', 'canceling');
 
 CREATE TABLE campaigns (
     id                 bigserial PRIMARY KEY,
@@ -113,6 +116,9 @@ CREATE TABLE campaigns (
     -- Bumped on every desired-state publish, so terminals can drop stale copies.
     desired_revision   bigint NOT NULL DEFAULT 0,
     paused_reason      text,
+    -- Failures per wave that an operator accepted by resuming after an automatic pause;
+    -- thresholds count only failures beyond them, e.g. {"1": 7}.
+    acknowledged_failures  jsonb NOT NULL DEFAULT '{}',
     created_at         timestamptz NOT NULL DEFAULT now(),
     started_at         timestamptz,
     updated_at         timestamptz NOT NULL DEFAULT now()
