@@ -226,9 +226,7 @@ class BrokerAdmin:
         if expiry_s is not None:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.MessageExpiryInterval = expiry_s
-        await self._client.publish(
-            topic, payload, qos=qos, retain=retain, properties=properties
-        )
+        await self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
 
     def _check_ids(self, tids: Iterable[str]) -> list[str]:
         checked = list(tids)

@@ -117,3 +117,57 @@ async def test_spoofed_malformed_oversized_and_replayed_input(
     finally:
         await asyncio.to_thread(probe.close)
         await stack.stop_controller()
+
+
+def _heartbeat(tid: str, **changes: object) -> bytes:
+    body: dict[str, object] = {
+        "v": 1,
+        "tid": tid,
+        "ts": 1_764_000_000.0,
+        "versions": {"os": "1.0.0"},
+        "battery_pct": 80,
+        "storage_free_mb": 100,
+        "busy": False,
+        "health": {},
+    }
+    body.update(changes)
+    return json.dumps(body).encode()
+
+
+async def test_well_formed_but_unstorable_values_and_retained_copies_are_refused(
+    broker: Mosquitto, repo: Repository, database_url: str, tmp_path: Path
+) -> None:
+    stack = Stack(make_settings(broker, database_url, tmp_path), repo, tmp_path)
+    await stack.provision(["T1"], {"g": ["T1"]})
+    probe = Probe(broker.host, broker.port, "T1", derive_terminal_password(TERMINAL_SECRET, "T1"))
+    topic = terminal_topic("T1", MessageKind.HEARTBEAT)
+    try:
+        await asyncio.to_thread(probe.connect)
+        # Retained before the controller subscribes: replayed to it as a retained copy.
+        await asyncio.to_thread(probe.publish, topic, _heartbeat("T1"), retain=True)
+        await stack.start_controller()
+        for payload in (
+            _heartbeat("T1", ts=1e300),
+            _heartbeat("T1").replace(b"1764000000.0", b"NaN"),
+            _heartbeat("T1", storage_free_mb=2**40),
+            _heartbeat("T1", health={"note": "a\u0000b"}),
+        ):
+            await asyncio.to_thread(probe.publish, topic, payload)
+        await asyncio.to_thread(probe.publish, topic, _heartbeat("T1", battery_pct=42))
+
+        async def settled() -> bool:
+            async with repo.connection() as q:
+                dead = await q.dead_letter_counts()
+                stored = await q._conn.fetchval("SELECT count(*) FROM heartbeats")
+            return sum(dead.values()) >= 5 and stored >= 1
+
+        await eventually(settled)
+        async with repo.connection() as q:
+            dead = await q.dead_letter_counts()
+            stored = await q._conn.fetch("SELECT battery_pct FROM heartbeats")
+        assert dead == {"invalid": 4, "retained": 1}
+        assert [r["battery_pct"] for r in stored] == [42]
+    finally:
+        await asyncio.to_thread(probe.publish, topic, b"", retain=True)  # clear it
+        await asyncio.to_thread(probe.close)
+        await stack.stop_controller()
