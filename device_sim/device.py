@@ -1,8 +1,10 @@
 """One simulated payment terminal: boot, heartbeats, commands and the update sequence.
 
 The terminal talks only through a `Link`, so the whole behaviour runs against an in-memory
-fake in unit tests. Its randomness comes from one `random.Random` seeded with the run's
-seed and the terminal id, so a run is reproducible terminal by terminal.
+fake in unit tests. Its message task notices a lost connection and reconnects; nothing
+that task awaits waits for a reconnect (those link calls fail fast), so the terminal
+always makes progress. Its randomness comes from one `random.Random` seeded with the
+run's seed and the terminal id, so a run is reproducible terminal by terminal.
 """
 
 import asyncio
@@ -15,7 +17,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from device_sim.config import SimConfig
@@ -187,6 +190,7 @@ class Terminal:
         connect_gate: asyncio.Semaphore | None = None,
         on_connected: Callback | None = None,
         on_record: RecordCallback | None = None,
+        on_desired: Callback | None = None,
     ) -> None:
         """Set the terminal up in its factory state, without connecting."""
         self.profile = profile
@@ -199,6 +203,7 @@ class Terminal:
         self._gate = connect_gate or asyncio.Semaphore(1)
         self._on_connected = on_connected
         self._on_record = on_record
+        self._on_desired_changed = on_desired
         self._rng = random.Random(f"{config.seed}:{profile.tid}")
 
         self._versions = dict(profile.versions)
@@ -220,6 +225,8 @@ class Terminal:
         self._jobs: asyncio.Queue[int] = asyncio.Queue(_QUEUE_MAX)
         self._queued: set[int] = set()
         self._latest: dict[int, DesiredState] = {}
+        self._desired: dict[str, DesiredState] = {}
+        self._desired_view = types.MappingProxyType(self._desired)
         self._handled: set[int] = set()
         self._attempts: collections.Counter[int] = collections.Counter()
         self._current: int | None = None
@@ -229,6 +236,12 @@ class Terminal:
         self._busy_until = 0.0
         self._busy_forced = False
         self._wake = asyncio.Event()
+        # Held while the connection changes on purpose (connect, or a whole reboot), so a
+        # reconnect after a loss never races a reboot. Never held across a waiting publish.
+        self._lifecycle = asyncio.Lock()
+        # Serialises (un)subscribing, so the last request reflects the latest groups.
+        self._subscribing = asyncio.Lock()
+        self._stale_topics: set[str] = set()
         self.connected = asyncio.Event()
         self.heartbeats_sent = 0
 
@@ -243,6 +256,11 @@ class Terminal:
     def groups(self) -> frozenset[str]:
         """Groups the terminal currently listens to."""
         return frozenset(self._groups)
+
+    @property
+    def desired(self) -> Mapping[str, DesiredState]:
+        """Read-only view of the latest desired state received per group it is in."""
+        return self._desired_view
 
     @property
     def pending_txns(self) -> list[dict[str, Any]]:
@@ -295,23 +313,24 @@ class Terminal:
     async def run(self) -> None:
         """Boot, then serve messages, heartbeats and updates until cancelled."""
         try:
-            await self._boot()
-            self.connected.set()
-            if self._on_connected is not None:
-                self._on_connected(self)
             async with asyncio.TaskGroup() as tg:
+                # From the start, so a connection lost while booting is noticed and resumed.
                 tg.create_task(self._message_loop(), name=f"{self.tid}/messages")
+                await self._boot()
+                self.connected.set()
+                if self._on_connected is not None:
+                    self._on_connected(self)
                 tg.create_task(self._heartbeat_loop(), name=f"{self.tid}/heartbeat")
                 tg.create_task(self._worker_loop(), name=f"{self.tid}/worker")
         finally:
             await self._power_off()
 
     async def _power_off(self) -> None:
-        if not self.connected.is_set():
-            return
+        # Runs while the task is being cancelled: every await is bounded, and a further
+        # cancellation still propagates (only `Exception`s are suppressed).
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
-                await self._publish_presence(online=False)
+                await self._publish_presence(online=False, wait=False)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
                 await self._link.disconnect()
@@ -329,40 +348,77 @@ class Terminal:
                 continue
             return
 
-    async def _boot(self) -> None:
+    async def _power_on(self) -> None:
+        """Start a new boot and connect; the caller holds `_lifecycle`."""
         self._boot_id = protocol.new_message_id()
         self._booted_at = time.monotonic()
         self._boots += 1
         await self._connect()
-        await self._publish_hello()
-        await self._publish_presence(online=True)
+
+    async def _boot(self) -> None:
+        async with self._lifecycle:
+            await self._power_on()
+        await self._announce_or_leave_it()
+
+    async def _announce(self) -> None:
+        """Tell the controller who we are, and listen; raises `LinkLostError`.
+
+        The controller answers a hello with the authoritative groups command.
+        """
+        await self._publish_hello(wait=False)
+        await self._publish_presence(online=True, wait=False)
         await self._subscribe_all()
+
+    async def _announce_or_leave_it(self) -> None:
+        try:
+            await self._announce()
+        except LinkLostError:
+            # The link is marked lost, so the message task reconnects and announces.
+            logger.info("%s: connection lost while announcing", self.tid)
 
     async def _resume_link(self) -> None:
-        await self._connect()
-        await self._publish_presence(online=True)
-        await self._subscribe_all()
+        """Reconnect after an unexpected drop and announce again, until that succeeds."""
+        delay = 0.05
+        while True:
+            async with self._lifecycle:
+                await self._connect()
+            try:
+                await self._announce()
+            except LinkLostError:
+                logger.info("%s: connection lost again while resuming", self.tid)
+                await asyncio.sleep(delay * (0.5 + self._rng.random()))
+                delay = min(delay * 2, self._timing.reconnect_max_s)
+                continue
+            return
 
     async def _subscribe_all(self) -> None:
-        topics = [protocol.terminal_topic(self.tid, MessageKind.CMD)]
-        if not self._config.heartbeat_only:
-            topics += [protocol.desired_topic(g) for g in sorted(self._groups)]
-        await self._link.subscribe(topics)
+        async with self._subscribing:
+            if self._stale_topics:
+                stale = sorted(self._stale_topics)
+                await self._link.unsubscribe(stale)
+                self._stale_topics.difference_update(stale)
+            topics = [protocol.terminal_topic(self.tid, MessageKind.CMD)]
+            if not self._config.heartbeat_only:
+                topics += [protocol.desired_topic(g) for g in sorted(self._groups)]
+            await self._link.subscribe(topics)
 
     async def _reboot(self, new_versions: dict[str, str] | None = None) -> None:
-        await self._publish_presence(online=False)
-        await self._link.disconnect()
-        await asyncio.sleep(self._timing.reboot_s)
-        if new_versions is not None:
-            self._versions = dict(new_versions)
-        await self._boot()
+        async with self._lifecycle:
+            with contextlib.suppress(LinkLostError):
+                await self._publish_presence(online=False, wait=False)
+            await self._link.disconnect()
+            await asyncio.sleep(self._timing.reboot_s)
+            if new_versions is not None:
+                self._versions = dict(new_versions)
+            await self._power_on()
+        await self._announce_or_leave_it()
 
     # -- publishing -------------------------------------------------------------------
 
     def _topic(self, kind: MessageKind) -> str:
         return protocol.terminal_topic(self.tid, kind)
 
-    async def _publish_hello(self) -> None:
+    async def _publish_hello(self, *, wait: bool = True) -> None:
         hello = protocol.Hello(
             tid=self.tid,
             boot_id=self._boot_id,
@@ -373,12 +429,12 @@ class Terminal:
             attributes={"simulated": "true", "boots": str(self._boots)},
             ts=protocol.now(),
         )
-        await self._link.publish(self._topic(MessageKind.HELLO), hello.to_bytes())
+        await self._link.publish(self._topic(MessageKind.HELLO), hello.to_bytes(), wait=wait)
 
-    async def _publish_presence(self, *, online: bool) -> None:
+    async def _publish_presence(self, *, online: bool, wait: bool = True) -> None:
         presence = protocol.Presence(tid=self.tid, online=online, ts=protocol.now())
         await self._link.publish(
-            self._topic(MessageKind.PRESENCE), presence.to_bytes(), retain=True
+            self._topic(MessageKind.PRESENCE), presence.to_bytes(), retain=True, wait=wait
         )
 
     def heartbeat(self) -> protocol.Heartbeat:
@@ -439,8 +495,9 @@ class Terminal:
     async def _message_loop(self) -> None:
         while True:
             try:
-                async for message in self._link.messages():
-                    await self._dispatch(message.topic, message.payload)
+                async with contextlib.aclosing(self._link.messages()) as messages:
+                    async for message in messages:
+                        await self._dispatch(message.topic, message.payload)
             except LinkLostError:
                 logger.info("%s: connection lost, reconnecting", self.tid)
                 await self._resume_link()
@@ -461,6 +518,13 @@ class Terminal:
     def _on_desired(self, desired: DesiredState) -> None:
         if self._config.heartbeat_only or desired.group not in self._groups:
             return
+        held = self._desired.get(desired.group)
+        if held is None or (
+            held.campaign_id != desired.campaign_id or held.revision < desired.revision
+        ):
+            self._desired[desired.group] = desired
+            if self._on_desired_changed is not None:
+                self._on_desired_changed(self)
         cid = desired.campaign_id
         previous = self._latest.get(cid)
         if previous is not None and previous.revision >= desired.revision:
@@ -519,12 +583,21 @@ class Terminal:
                 logger.info("%s: ignoring %s command", self.tid, command.kind.value)
 
     async def _set_groups(self, groups: set[str]) -> None:
+        """Listen to exactly `groups`; raises `LinkLostError` (the resume finishes the job)."""
         added, removed = groups - self._groups, self._groups - groups
         self._groups = groups
+        forgotten = [g for g in removed if self._desired.pop(g, None) is not None]
+        if forgotten and self._on_desired_changed is not None:
+            self._on_desired_changed(self)
         if self._config.heartbeat_only:
             return
-        await self._link.unsubscribe([protocol.desired_topic(g) for g in sorted(removed)])
-        await self._link.subscribe([protocol.desired_topic(g) for g in sorted(added)])
+        async with self._subscribing:
+            self._stale_topics.update(protocol.desired_topic(g) for g in removed)
+            self._stale_topics.difference_update(protocol.desired_topic(g) for g in added)
+            stale = sorted(self._stale_topics)
+            await self._link.unsubscribe(stale)
+            self._stale_topics.difference_update(stale)
+            await self._link.subscribe([protocol.desired_topic(g) for g in sorted(added)])
 
     # -- the update -------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import math
 import time
@@ -12,16 +13,42 @@ from device_sim.config import SimConfig
 from device_sim.device import CampaignRecord, Terminal, TerminalProfile
 from device_sim.link import AiomqttLink, BrokerIdentity, Link
 from fleet import protocol
-from fleet.protocol import MessageKind
+from fleet.protocol import DesiredState, MessageKind
 
 logger = logging.getLogger(__name__)
 
 LinkFactory = Callable[[TerminalProfile], Link]
+DesiredMatch = Callable[[DesiredState], bool]
 _VIOLATIONS_LISTED = 20
 
 
 class _StoppedError(Exception):
     """Raised inside the task group to cancel every terminal at once."""
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _DesiredWaiter:
+    """One `wait_desired` call: which terminals match so far, kept up to date."""
+
+    match: DesiredMatch
+    count: int
+    future: asyncio.Future[None]
+    matched: set[str] = dataclasses.field(default_factory=set)
+
+    def update(self, terminal: Terminal) -> None:
+        if any(self.match(d) for d in terminal.desired.values()):
+            self.matched.add(terminal.tid)
+        else:
+            self.matched.discard(terminal.tid)
+        if len(self.matched) >= self.count and not self.future.done():
+            self.future.set_result(None)
+
+
+def _campaign_status(campaign_id: int, status: str) -> DesiredMatch:
+    def match(desired: DesiredState) -> bool:
+        return desired.campaign_id == campaign_id and desired.status == status
+
+    return match
 
 
 def aiomqtt_link_factory(config: SimConfig) -> LinkFactory:
@@ -82,6 +109,7 @@ class Simulator:
                 connect_gate=gate,
                 on_connected=self._connected_one,
                 on_record=self._record_changed,
+                on_desired=self._desired_changed,
             )
         self._connected = 0
         self._all_connected = asyncio.Event()
@@ -89,6 +117,7 @@ class Simulator:
             self._all_connected.set()
         self._settled: collections.defaultdict[int, set[str]] = collections.defaultdict(set)
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._desired_waiters: list[_DesiredWaiter] = []
         self._started_at: float | None = None
         self._stopped_at: float | None = None
 
@@ -126,6 +155,11 @@ class Simulator:
         else:
             settled.discard(record.tid)
         self._notify()
+
+    def _desired_changed(self, terminal: Terminal) -> None:
+        # Only the terminal that changed is checked again: O(waiters), not O(fleet).
+        for waiter in self._desired_waiters:
+            waiter.update(terminal)
 
     def _notify(self) -> None:
         for predicate, future in self._waiters:
@@ -177,6 +211,39 @@ class Simulator:
         record = self.terminals[tid].record(campaign_id)
         assert record is not None
         return record
+
+    async def wait_desired(
+        self,
+        match: DesiredMatch | tuple[int, str],
+        count: int | None = None,
+        timeout_s: float | None = None,
+    ) -> list[str]:
+        """Wait until `count` terminals (default: all) hold a matching desired state.
+
+        A terminal matches when the latest desired state it received for any group it is
+        in (`Terminal.desired`) satisfies `match`: a predicate, or a `(campaign_id,
+        status)` pair such as `(7, "paused")`. To wait for a revision, pass a predicate,
+        e.g. ``lambda d: d.campaign_id == 7 and d.revision >= 3``. Woken by the
+        terminals as messages arrive, never by polling.
+
+        Returns:
+            The ids of the matching terminals, sorted.
+
+        Raises:
+            TimeoutError: fewer than `count` matched in time.
+        """
+        predicate = _campaign_status(*match) if isinstance(match, tuple) else match
+        needed = len(self.terminals) if count is None else count
+        waiter = _DesiredWaiter(predicate, needed, asyncio.get_running_loop().create_future())
+        for terminal in self.terminals.values():
+            waiter.update(terminal)
+        self._desired_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await waiter.future
+        finally:
+            self._desired_waiters.remove(waiter)
+        return sorted(waiter.matched)
 
     def records(self) -> list[CampaignRecord]:
         """Every attempt of every terminal."""

@@ -2,14 +2,15 @@
 
 The update logic only sees `Link`, so unit tests drive it with an in-memory fake. All
 publishes are QoS 1 and awaited (aiomqtt returns once the PUBACK arrives), so a
-terminal's events leave in order.
+terminal's events leave in order. Every wait on the link is either bounded (aiomqtt's
+own timeout on each broker round trip) or lasts until the terminal reconnects.
 """
 
 import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
 import aiomqtt
@@ -33,24 +34,44 @@ class LinkLostError(ConnectionError):
 
 
 class Link(Protocol):
-    """What a terminal needs from its broker connection."""
+    """What a terminal needs from its broker connection.
+
+    A connection can end two ways. `disconnect` ends it on purpose: `publish` then waits
+    for the next `connect` and `messages` waits with it. Anything else makes the link
+    *lost*: `messages` raises `LinkLostError`, and its consumer must reconnect and
+    announce itself again; until it does, `publish` waits (so someone must always be
+    consuming `messages`). Operations that must not wait for that reconnect (because the
+    caller is the one that would reconnect, or holds something the reconnect needs) fail
+    fast with `LinkLostError` instead.
+    """
 
     async def connect(self) -> None:
-        """Open the session (persistent: queued commands survive a disconnect)."""
+        """Open the session (persistent: queued commands survive a disconnect).
+
+        Calls are serialised with each other and with `disconnect`; connecting while
+        already connected does nothing.
+        """
 
     async def disconnect(self) -> None:
         """Close the connection on purpose; the broker keeps the session."""
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """Publish at QoS 1 and return once the broker acknowledged it."""
+    async def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, wait: bool = True
+    ) -> None:
+        """Publish at QoS 1 and return once the broker acknowledged it.
+
+        With `wait`, a publish that finds the link down, or fails, waits for the next
+        connection and sends again (at least once). Without it, it raises
+        `LinkLostError` instead, after marking a failed connection lost.
+        """
 
     async def subscribe(self, topics: Sequence[str]) -> None:
-        """Subscribe at QoS 1."""
+        """Subscribe at QoS 1; raises `LinkLostError` when the link is down or fails."""
 
     async def unsubscribe(self, topics: Sequence[str]) -> None:
-        """Drop subscriptions."""
+        """Drop subscriptions; raises `LinkLostError` when the link is down or fails."""
 
-    def messages(self) -> AsyncIterator[Incoming]:
+    def messages(self) -> AsyncGenerator[Incoming, None]:
         """Yield delivered messages across deliberate reconnects.
 
         Raises `LinkLostError` when the connection drops unexpectedly.
@@ -71,18 +92,27 @@ class BrokerIdentity:
     keepalive_s: int = 60
     session_expiry_s: int = 3600
     incoming_queue_max: int = 1000
+    timeout_s: float = 10.0
 
 
 class AiomqttLink:
-    """`Link` over aiomqtt, MQTT v5, persistent session, retained last will."""
+    """`Link` over aiomqtt, MQTT v5, persistent session, retained last will.
+
+    One lock serialises connecting and closing, so there is never more than one client
+    (two clients with one id would take the session over from each other, and the
+    broker could publish the older one's "offline" will after the newer "online").
+    """
 
     def __init__(self, identity: BrokerIdentity) -> None:
         """Prepare, without connecting."""
         self._identity = identity
+        self._lock = asyncio.Lock()
+        # `_client` is set exactly while connected; `_lost` from an unexpected end of a
+        # connection until the next `connect` (a deliberate `disconnect` clears it).
         self._client: aiomqtt.Client | None = None
         self._stack: contextlib.AsyncExitStack | None = None
-        self._up = asyncio.Event()
-        self._deliberate = False
+        self._lost = False
+        self._changed = asyncio.Event()
 
     def _new_client(self) -> aiomqtt.Client:
         ident = self._identity
@@ -100,72 +130,110 @@ class AiomqttLink:
             clean_start=False,
             properties=connect_props,
             max_queued_incoming_messages=ident.incoming_queue_max,
+            timeout=ident.timeout_s,
         )
 
+    def _signal(self) -> None:
+        """Wake everything waiting for the connection state to change."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
     async def connect(self) -> None:
-        """Connect; raises `ConnectionError` when the broker is unreachable or refuses."""
-        await self._close()
-        client = self._new_client()
-        stack = contextlib.AsyncExitStack()
-        try:
-            await stack.enter_async_context(client)
-        except aiomqtt.MqttError as exc:
-            raise ConnectionError(str(exc)) from exc
-        self._client, self._stack = client, stack
-        self._deliberate = False
-        self._up.set()
+        """Connect unless connected; raises `ConnectionError` when the broker refuses."""
+        async with self._lock:
+            if self._client is not None:
+                return
+            client = self._new_client()
+            stack = contextlib.AsyncExitStack()
+            try:
+                await stack.enter_async_context(client)
+            except aiomqtt.MqttError as exc:
+                raise ConnectionError(str(exc)) from exc
+            self._client, self._stack = client, stack
+            self._lost = False
+            self._signal()
 
     async def disconnect(self) -> None:
         """Disconnect cleanly (a clean DISCONNECT does not fire the will)."""
-        self._deliberate = True
-        await self._close()
+        async with self._lock:
+            self._lost = False
+            await self._close()
+
+    async def _drop(self, client: aiomqtt.Client) -> None:
+        """Close `client` after it failed, and mark the link lost, unless already replaced."""
+        async with self._lock:
+            if client is not self._client:
+                return
+            logger.info("%s: connection failed, closing it", self._identity.client_id)
+            self._lost = True
+            await self._close()
 
     async def _close(self) -> None:
-        self._up.clear()
-        stack, self._stack = self._stack, None
+        """Close the current client, bounded; the caller holds the lock."""
+        stack = self._stack
+        self._client, self._stack = None, None
+        self._signal()
         if stack is not None:
             try:
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(self._identity.timeout_s):
                     await stack.aclose()
             except (aiomqtt.MqttError, TimeoutError):
                 logger.debug("%s: disconnect was not clean", self._identity.client_id)
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """Publish at QoS 1; while the link is down, wait for it and send again."""
+    async def _connection(self, *, wait: bool) -> aiomqtt.Client:
+        """The live client; without `wait`, raise `LinkLostError` when there is none."""
+        while self._client is None:
+            if not wait:
+                raise LinkLostError(self._identity.client_id)
+            await self._changed.wait()
+        return self._client
+
+    async def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, wait: bool = True
+    ) -> None:
+        """Publish at QoS 1; a failure (even a timeout on a live connection) reconnects."""
         while True:
-            await self._up.wait()
-            client = self._client
-            assert client is not None
+            client = await self._connection(wait=wait)
             try:
                 await client.publish(topic, payload, qos=1, retain=retain)
-            except aiomqtt.MqttError:
-                # At least once: the same payload (same msg_id) goes again after reconnect.
-                if client is self._client:
-                    self._up.clear()
+            except aiomqtt.MqttError as exc:
+                # The connection may still be up (aiomqtt timed out waiting for the
+                # PUBACK); close it anyway, so `messages` reports the loss and the terminal
+                # reconnects. At least once: the same payload (same msg_id) goes again.
+                await self._drop(client)
+                if not wait:
+                    raise LinkLostError(self._identity.client_id) from exc
                 continue
             return
 
     async def subscribe(self, topics: Sequence[str]) -> None:
         """Subscribe at QoS 1 to each topic."""
         if topics:
-            client = await self._current()
-            await client.subscribe([(t, 1) for t in topics])
+            client = await self._connection(wait=False)
+            try:
+                await client.subscribe([(t, 1) for t in topics])
+            except aiomqtt.MqttError as exc:
+                await self._drop(client)
+                raise LinkLostError(self._identity.client_id) from exc
 
     async def unsubscribe(self, topics: Sequence[str]) -> None:
         """Drop the given subscriptions."""
         if topics:
-            client = await self._current()
-            await client.unsubscribe(list(topics))
+            client = await self._connection(wait=False)
+            try:
+                await client.unsubscribe(list(topics))
+            except aiomqtt.MqttError as exc:
+                await self._drop(client)
+                raise LinkLostError(self._identity.client_id) from exc
 
-    async def _current(self) -> aiomqtt.Client:
-        await self._up.wait()
-        assert self._client is not None
-        return self._client
-
-    async def messages(self) -> AsyncIterator[Incoming]:
+    async def messages(self) -> AsyncGenerator[Incoming, None]:
         """Yield delivered messages; wait through deliberate disconnects."""
         while True:
-            client = await self._current()
+            while self._client is None:
+                if self._lost:
+                    raise LinkLostError(self._identity.client_id)
+                await self._changed.wait()
+            client = self._client
             try:
                 async for message in client.messages:
                     payload = message.payload
@@ -176,7 +244,5 @@ class AiomqttLink:
                     )
                     yield Incoming(str(message.topic), data, retain=bool(message.retain))
             except aiomqtt.MqttError:
-                if self._deliberate or client is not self._client:
-                    continue
-                self._up.clear()
-                raise LinkLostError(self._identity.client_id) from None
+                # Closed on purpose, replaced, or failed: `_drop` tells them apart.
+                await self._drop(client)

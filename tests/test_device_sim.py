@@ -1,10 +1,13 @@
 """Unit tests of the device simulator: an in-memory Link and a real local HTTP server."""
 
 import asyncio
+import collections
 import contextlib
+import functools
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,10 +15,10 @@ import aiomqtt
 import pytest
 
 from device_sim.config import Faults, SimConfig, Timing
-from device_sim.device import CampaignRecord, Terminal
+from device_sim.device import CampaignRecord, Terminal, TerminalProfile
 from device_sim.download import DownloadFailedError, DownloadPlan, download
-from device_sim.fleet import Simulator
-from device_sim.link import Incoming
+from device_sim.fleet import Simulator, aiomqtt_link_factory
+from device_sim.link import AiomqttLink, Incoming, LinkLostError
 from fleet import dynsec, protocol
 from fleet.broker_admin import BrokerAdmin
 from fleet.protocol import (
@@ -40,52 +43,102 @@ GROUP = "g1"
 
 
 class FakeLink:
-    """Records what the terminal publishes and lets the test deliver messages."""
+    """Records what the terminal publishes and lets the test deliver messages.
+
+    Follows the `Link` contract: `drop()` loses the connection as a failed publish on a
+    real link does, `refuse` makes connecting fail, and calls that must not wait raise
+    `LinkLostError` while the link is down.
+    """
 
     def __init__(self, retained: dict[str, bytes]) -> None:
         self.retained = retained
         self.published: list[tuple[str, bytes, bool]] = []
         self.subscriptions: set[str] = set()
         self.connects = 0
+        self.connect_attempts = 0
         self.disconnects = 0
-        self._up = asyncio.Event()
-        self._inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-        self._changed = asyncio.Condition()
+        self.refuse = False
+        self.connect_delay = 0.0
+        self.on_connect: Callable[[FakeLink], None] | None = None
+        self.connecting = 0
+        self.max_connecting = 0
+        self.lost = False
+        self._up = False
+        self._inbox: collections.deque[Incoming] = collections.deque()
+        self._kick = asyncio.Event()
+
+    def _changed(self) -> None:
+        self._kick.set()
+        self._kick = asyncio.Event()
 
     async def connect(self) -> None:
-        self.connects += 1
-        self._up.set()
+        self.connect_attempts += 1
+        self.connecting += 1
+        self.max_connecting = max(self.max_connecting, self.connecting)
+        try:
+            if self.on_connect is not None:
+                self.on_connect(self)
+            await asyncio.sleep(self.connect_delay)
+            if self.refuse:
+                raise ConnectionError("refused")
+            if not self._up:
+                self.connects += 1
+                self._up, self.lost = True, False
+        finally:
+            self.connecting -= 1
+            self._changed()
 
     async def disconnect(self) -> None:
         self.disconnects += 1
-        self._up.clear()
+        self._up, self.lost = False, False
+        self._changed()
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        await self._up.wait()
+    def drop(self) -> None:
+        """The connection ends unexpectedly."""
+        self._up, self.lost = False, True
+        self._changed()
+
+    async def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, wait: bool = True
+    ) -> None:
+        while not self._up:
+            if not wait:
+                raise LinkLostError("fake")
+            await self._kick.wait()
         self.published.append((topic, payload, retain))
-        async with self._changed:
-            self._changed.notify_all()
+        self._changed()
 
     async def subscribe(self, topics: Sequence[str]) -> None:
+        if topics and not self._up:
+            raise LinkLostError("fake")
         for topic in topics:
             self.subscriptions.add(topic)
             if topic in self.retained:
-                self._inbox.put_nowait(Incoming(topic, self.retained[topic], retain=True))
+                self._inbox.append(Incoming(topic, self.retained[topic], retain=True))
+        self._changed()
 
     async def unsubscribe(self, topics: Sequence[str]) -> None:
+        if topics and not self._up:
+            raise LinkLostError("fake")
         self.subscriptions.difference_update(topics)
+        self._changed()
 
-    async def messages(self) -> AsyncIterator[Incoming]:
+    async def messages(self) -> AsyncGenerator[Incoming, None]:
         while True:
-            message = await self._inbox.get()
-            await self._up.wait()
-            if message.topic in self.subscriptions:
-                yield message
+            if self.lost:
+                raise LinkLostError("fake")
+            if self._up and self._inbox:
+                message = self._inbox.popleft()
+                if message.topic in self.subscriptions:
+                    yield message
+                continue
+            await self._kick.wait()
 
     def deliver(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         if retain:
             self.retained[topic] = payload
-        self._inbox.put_nowait(Incoming(topic, payload, retain=retain))
+        self._inbox.append(Incoming(topic, payload, retain=retain))
+        self._changed()
 
     def of_kind(self, kind: MessageKind) -> list[Any]:
         return [
@@ -95,8 +148,9 @@ class FakeLink:
         ]
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        async with asyncio.timeout(WAIT), self._changed:
-            await self._changed.wait_for(predicate)
+        async with asyncio.timeout(WAIT):
+            while not predicate():
+                await self._kick.wait()
 
 
 # -- a tiny HTTP/1.1 server with Range -----------------------------------------------
@@ -583,6 +637,131 @@ async def test_expired_command_is_ignored_and_reboot_works(http: ArtifactServer)
         assert h.link.disconnects == 1
 
 
+# -- connection loss, shutdown and what the terminal last heard -----------------------
+
+
+async def test_resume_after_drop_announces_with_hello(http: ArtifactServer) -> None:
+    async with running(make_config()) as h:
+        first = h.link.of_kind(MessageKind.HELLO)
+        assert len(first) == 1
+        h.link.subscriptions.clear()  # as if the broker had forgotten them
+        h.link.drop()
+        await h.link.wait_for(lambda: len(h.link.of_kind(MessageKind.HELLO)) == 2)
+        await h.link.wait_for(lambda: protocol.desired_topic(GROUP) in h.link.subscriptions)
+        assert h.link.connects == 2
+        hello = h.link.of_kind(MessageKind.HELLO)[-1]
+        assert hello.boot_id == first[0].boot_id  # the same boot, a new connection
+        assert h.link.of_kind(MessageKind.PRESENCE)[-1].online
+        assert protocol.terminal_topic(h.tid, MessageKind.CMD) in h.link.subscriptions
+
+        # Still working: an update goes all the way through.
+        h.publish_desired(desired([package(http)]))
+        assert (await h.final()).final_state is S.SUCCEEDED
+
+
+async def test_resume_and_reboot_never_connect_at_once(http: ArtifactServer) -> None:
+    async with running(make_config()) as h:
+        h.link.connect_delay = 0.05
+
+        def drop_during_reboot(link: FakeLink) -> None:
+            # The reboot is connecting when the old connection's loss is noticed.
+            if link.connect_attempts == 2:
+                link.drop()
+
+        h.link.on_connect = drop_during_reboot
+        h.command(CommandKind.REBOOT)
+        # Boot, reboot, resume: three attempts, none overlapping another.
+        await h.link.wait_for(lambda: h.link.connect_attempts >= 3 and not h.link.connecting)
+        assert h.link.max_connecting == 1
+        await h.link.wait_for(lambda: len(h.link.of_kind(MessageKind.HELLO)) >= 3)
+        h.publish_desired(desired([package(http)]))
+        assert (await h.final()).final_state is S.SUCCEEDED
+
+
+def deferred(link: FakeLink) -> bool:
+    return any(e.state is S.DEFERRED for e in link.of_kind(MessageKind.EVENTS))
+
+
+@pytest.mark.parametrize("how", ["stop", "cancel"])
+async def test_shutdown_is_prompt_mid_update_and_mid_reconnect(
+    http: ArtifactServer, how: str
+) -> None:
+    h = Harness(make_config(count=2))
+    task = asyncio.create_task(h.sim.run(h.stop))
+    try:
+        await h.sim.wait_connected(timeout_s=WAIT)
+        updating, reconnecting = h.sim.terminals.values()
+        for terminal in (updating, reconnecting):
+            terminal.set_busy(True)
+        h.publish_desired(desired([package(http)]))
+        for terminal in (updating, reconnecting):
+            await h.links[terminal.tid].wait_for(functools.partial(deferred, h.links[terminal.tid]))
+        link = h.links[reconnecting.tid]
+        link.refuse = True
+        link.drop()
+        tries = link.connect_attempts
+        await link.wait_for(lambda: link.connect_attempts >= tries + 2)
+    except BaseException:
+        task.cancel()
+        raise
+
+    started = time.monotonic()
+    if how == "stop":
+        h.stop.set()
+        async with asyncio.timeout(1):
+            await task
+    else:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(1):
+                await task
+    assert time.monotonic() - started < 1
+    for terminal in (updating, reconnecting):
+        record = terminal.record(1)
+        assert record is not None
+        assert not record.settled
+    assert not h.links[updating.tid].of_kind(MessageKind.PRESENCE)[-1].online
+    assert h.links[updating.tid].disconnects == 1
+    assert h.links[reconnecting.tid].disconnects == 1
+
+
+async def test_wait_desired_sees_what_every_terminal_heard(http: ArtifactServer) -> None:
+    async with running(make_config(count=3)) as h:
+        pkg = package(http)
+        h.publish_desired(desired([pkg], status="paused"))
+        tids = await h.sim.wait_desired((1, "paused"), timeout_s=WAIT)
+        assert tids == sorted(h.sim.terminals)
+        for terminal in h.sim.terminals.values():
+            assert terminal.desired[GROUP].revision == 1
+            assert terminal.record(1) is None
+        with pytest.raises(TypeError):
+            h.terminal.desired["x"] = h.terminal.desired[GROUP]  # type: ignore[index]
+
+        with pytest.raises(TimeoutError):
+            await h.sim.wait_desired((1, "active"), timeout_s=0.05)
+        h.publish_desired(desired([pkg], revision=3, status="canceled"))
+        # A stale revision arriving late does not replace what the terminal holds.
+        h.publish_desired(desired([pkg], revision=2, status="active"))
+        await h.sim.wait_desired(
+            lambda d: d.campaign_id == 1 and d.revision == 3, count=3, timeout_s=WAIT
+        )
+        barrier = desired([package(http, "pay", PackageKind.APP)], campaign_id=2)
+        h.publish_desired(barrier)
+        await h.sim.wait_desired((2, "active"), timeout_s=WAIT)
+        h.publish_desired(desired([pkg], revision=2, status="active"))
+        h.publish_desired(barrier)
+        await h.sim.wait_final(2, 3, timeout_s=WAIT)
+        assert all(t.record(1) is None for t in h.sim.terminals.values())
+
+        # Leaving a group forgets what it said.
+        h.command(CommandKind.GROUPS, groups=["g2"])
+        await h.link.wait_for(lambda: protocol.desired_topic("g2") in h.link.subscriptions)
+        assert dict(h.terminal.desired) == {}
+        assert await h.sim.wait_desired((2, "active"), count=2, timeout_s=WAIT) == sorted(
+            set(h.sim.terminals) - {h.tid}
+        )
+
+
 # -- fleet and download details ----------------------------------------------------
 
 
@@ -652,15 +831,7 @@ async def test_download_hash_continues_across_resume(http: ArtifactServer) -> No
 # -- smoke test of the real aiomqtt link against a private Mosquitto ------------------
 
 
-async def test_aiomqtt_link_against_real_broker(broker: Any, http: ArtifactServer) -> None:
-    config = make_config(
-        count=3,
-        broker_host=broker.host,
-        broker_port=broker.port,
-        secret=TERMINAL_SECRET,
-        timing=make_config().timing.model_copy(update={"heartbeat_s": 0.2}),
-    )
-    tids = config.terminal_ids()
+async def provision(broker: Any, tids: list[str]) -> None:
     async with BrokerAdmin(
         broker.host,
         broker.port,
@@ -672,14 +843,34 @@ async def test_aiomqtt_link_against_real_broker(broker: Any, http: ArtifactServe
         await admin.ensure_group(GROUP)
         await admin.add_to_group(GROUP, tids)
 
-    async with aiomqtt.Client(
+
+def controller_client(broker: Any, identifier: str = CONTROLLER_USERNAME) -> aiomqtt.Client:
+    return aiomqtt.Client(
         broker.host,
         broker.port,
         username=CONTROLLER_USERNAME,
         password=CONTROLLER_PASSWORD,
-        identifier=CONTROLLER_USERNAME,
+        identifier=identifier,
         protocol=aiomqtt.ProtocolVersion.V5,
-    ) as controller:
+    )
+
+
+def broker_config(broker: Any, **overrides: Any) -> SimConfig:
+    return make_config(
+        broker_host=broker.host, broker_port=broker.port, secret=TERMINAL_SECRET, **overrides
+    )
+
+
+async def test_aiomqtt_link_against_real_broker(broker: Any, http: ArtifactServer) -> None:
+    config = make_config(
+        count=3,
+        broker_host=broker.host,
+        broker_port=broker.port,
+        secret=TERMINAL_SECRET,
+        timing=make_config().timing.model_copy(update={"heartbeat_s": 0.2}),
+    )
+    await provision(broker, config.terminal_ids())
+    async with controller_client(broker) as controller:
         await controller.subscribe("fleet/v1/t/+/+", qos=1)
         await controller.publish(
             protocol.desired_topic(GROUP), desired([package(http)]), qos=1, retain=True
@@ -690,6 +881,7 @@ async def test_aiomqtt_link_against_real_broker(broker: Any, http: ArtifactServe
             tg.create_task(sim.run(stop), name="test/sim")
             try:
                 await sim.wait_connected(timeout_s=WAIT)
+                assert len(await sim.wait_desired((1, "active"), timeout_s=WAIT)) == 3
                 records = await sim.wait_final(1, 3, timeout_s=WAIT)
             finally:
                 stop.set()
@@ -707,3 +899,86 @@ async def test_aiomqtt_link_against_real_broker(broker: Any, http: ArtifactServe
                 if expected <= got and MessageKind.HEARTBEAT in kinds:
                     break
         assert kinds >= {MessageKind.HELLO, MessageKind.PRESENCE, MessageKind.EVENTS}
+
+
+async def test_publish_timeout_on_live_connection_reconnects(
+    broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = broker_config(
+        broker, timing=make_config().timing.model_copy(update={"heartbeat_s": 0.05})
+    )
+    tid = config.terminal_ids()[0]
+    await provision(broker, [tid])
+    real_publish = aiomqtt.Client.publish
+    timed_out = asyncio.Event()
+
+    async def publish(self: aiomqtt.Client, topic: str, *args: Any, **kwargs: Any) -> None:
+        if topic.endswith("/heartbeat") and not timed_out.is_set():
+            # What aiomqtt raises when no PUBACK came in time; the connection stays up.
+            timed_out.set()
+            raise aiomqtt.MqttError("Operation timed out")
+        await real_publish(self, topic, *args, **kwargs)
+
+    monkeypatch.setattr(aiomqtt.Client, "publish", publish)
+    async with controller_client(broker) as controller:
+        await controller.subscribe(f"fleet/v1/t/{tid}/+", qos=1)
+        sim = Simulator(config)
+        stop = asyncio.Event()
+        kinds: list[MessageKind] = []
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(sim.run(stop), name="test/sim")
+            try:
+                async with asyncio.timeout(WAIT):
+                    async for message in controller.messages:
+                        kind = protocol.parse_terminal_topic(str(message.topic))[1]
+                        kinds.append(kind)
+                        hellos = [i for i, k in enumerate(kinds) if k is MessageKind.HELLO]
+                        beats = [i for i, k in enumerate(kinds) if k is MessageKind.HEARTBEAT]
+                        # Reconnected, announced again, and still beating after that.
+                        if len(hellos) == 2 and beats and beats[-1] > hellos[1]:
+                            break
+            finally:
+                stop.set()
+
+    async with controller_client(broker, "probe") as probe:
+        await probe.subscribe(protocol.terminal_topic(tid, MessageKind.PRESENCE), qos=1)
+        async with asyncio.timeout(WAIT):
+            message = await anext(aiter(probe.messages))
+    # Stopped cleanly: the retained presence is the terminal's own last word.
+    presence = protocol.decode(str(message.topic), bytes(message.payload))
+    assert isinstance(presence, protocol.Presence)
+    assert not presence.online
+
+
+async def test_concurrent_connects_share_one_client(
+    broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = broker_config(broker)
+    profile = TerminalProfile.from_config(config, 0)
+    await provision(broker, [profile.tid])
+    link = aiomqtt_link_factory(config)(profile)
+    assert isinstance(link, AiomqttLink)
+    made: list[aiomqtt.Client] = []
+    real_new_client = AiomqttLink._new_client
+
+    def new_client(self: AiomqttLink) -> aiomqtt.Client:
+        made.append(real_new_client(self))
+        return made[-1]
+
+    monkeypatch.setattr(AiomqttLink, "_new_client", new_client)
+    await asyncio.gather(*(link.connect() for _ in range(3)))
+    assert len(made) == 1
+    await link.connect()
+    assert len(made) == 1
+    topic = protocol.terminal_topic(profile.tid, MessageKind.PRESENCE)
+    online = protocol.Presence(tid=profile.tid, online=True, ts=protocol.now()).to_bytes()
+    await link.publish(topic, online, retain=True, wait=False)
+
+    # A disconnect racing a connect is serialised: one after the other, never interleaved.
+    await asyncio.gather(link.disconnect(), link.connect())
+    assert len(made) == 2
+    await link.connect()
+    assert len(made) == 2
+    with pytest.raises(LinkLostError):
+        await asyncio.gather(link.disconnect(), link.subscribe(["x"]))
+    await link.disconnect()
