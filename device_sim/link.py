@@ -152,6 +152,8 @@ class AiomqttLink:
             self._client, self._stack = client, stack
             self._lost = False
             self._signal()
+        # Registered first, so that whoever handles the cancellation closes this client.
+        _resurface_cancellation()
 
     async def disconnect(self) -> None:
         """Disconnect cleanly (a clean DISCONNECT does not fire the will)."""
@@ -196,6 +198,7 @@ class AiomqttLink:
             client = await self._connection(wait=wait)
             try:
                 await client.publish(topic, payload, qos=1, retain=retain)
+                _resurface_cancellation()
             except aiomqtt.MqttError as exc:
                 # The connection may still be up (aiomqtt timed out waiting for the
                 # PUBACK); close it anyway, so `messages` reports the loss and the terminal
@@ -212,6 +215,7 @@ class AiomqttLink:
             client = await self._connection(wait=False)
             try:
                 await client.subscribe([(t, 1) for t in topics])
+                _resurface_cancellation()
             except aiomqtt.MqttError as exc:
                 await self._drop(client)
                 raise LinkLostError(self._identity.client_id) from exc
@@ -222,6 +226,7 @@ class AiomqttLink:
             client = await self._connection(wait=False)
             try:
                 await client.unsubscribe(list(topics))
+                _resurface_cancellation()
             except aiomqtt.MqttError as exc:
                 await self._drop(client)
                 raise LinkLostError(self._identity.client_id) from exc
@@ -246,3 +251,15 @@ class AiomqttLink:
             except aiomqtt.MqttError:
                 # Closed on purpose, replaced, or failed: `_drop` tells them apart.
                 await self._drop(client)
+
+
+def _resurface_cancellation() -> None:
+    """Raise CancelledError if this task was cancelled during the await that just ended.
+
+    aiomqtt waits with `asyncio.wait_for`, which on Python 3.11 returns the result and
+    drops the cancellation when both happen at once (fixed in 3.12, gh-86296). A terminal
+    task would then run on in "cancelling" state and a TaskGroup would wait on it forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -5,6 +5,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -100,3 +101,26 @@ async def _drop_database(dsn: str, name: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
     finally:
         await conn.close()
+
+
+# -- diagnosis -------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+async def _dump_tasks_on_sigusr1() -> AsyncIterator[None]:
+    """On SIGUSR1, write every asyncio task's stack to $TMPDIR/fleet-tasks-<pid>.txt."""
+    loop = asyncio.get_running_loop()
+
+    def dump() -> None:
+        # pytest captures fd 2, so the stacks go to a file named after this process.
+        path = Path(tempfile.gettempdir()) / f"fleet-tasks-{os.getpid()}.txt"
+        with path.open("w") as out:
+            for task in asyncio.all_tasks(loop):
+                out.write(f"--- task {task.get_name()}: {task!r}\n")
+                task.print_stack(limit=30, file=out)
+
+    loop.add_signal_handler(signal.SIGUSR1, dump)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
