@@ -76,7 +76,6 @@ class Link(Protocol):
 
         Raises `LinkLostError` when the connection drops unexpectedly.
         """
-        ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -362,11 +362,9 @@ class PostgresServer(Protocol):
 
     def dsn(self, dbname: str = "postgres") -> str:
         """Return a libpq URL for a database on this server."""
-        ...
 
     def create_database(self, name: str, template: str | None = None) -> None:
         """Create a database, optionally as a copy of `template`."""
-        ...
 
 
 def find_postgres_bindir() -> Path:
