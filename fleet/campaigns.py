@@ -19,6 +19,7 @@ from fleet.db.repository import LiveCampaign, Queries, Repository, WaveRow
 from fleet.errors import CampaignError, DatabaseUnavailableError, NotFoundError
 from fleet.protocol import (
     BUCKETS,
+    KIND_ORDER,
     MAX_PACKAGES,
     BucketRange,
     Command,
@@ -91,7 +92,7 @@ async def create_campaign(
             if row is None:
                 raise NotFoundError("package", f"{package_name}={version}")
             package_rows.append(row)
-        package_rows.sort(key=lambda r: _KIND_RANK[r["kind"]])
+        package_rows.sort(key=lambda r: KIND_ORDER[PackageKind(r["kind"])])
         campaign_id = await q.create_campaign(
             name=name,
             groups=groups,
@@ -109,7 +110,6 @@ async def create_campaign(
     return campaign_id
 
 
-_KIND_RANK = {"firmware": 0, "app": 1, "params": 2}
 _DESIRED_STATUS: dict[str, Literal["active", "paused", "canceled"]] = {
     "running": "active",
     "paused": "paused",

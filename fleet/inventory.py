@@ -61,10 +61,10 @@ async def assign_group(
     async with repo.transaction() as q:
         await q.assign_group(group, terminal_ids)
     await admin.add_to_group(group, terminal_ids)
+    async with repo.connection() as q:
+        groups_of = await q.terminals_groups(terminal_ids)
     for terminal_id in terminal_ids:
-        async with repo.connection() as q:
-            groups = await q.terminal_groups(terminal_id)
-        await send_groups(admin, terminal_id, groups, command_expiry_s)
+        await send_groups(admin, terminal_id, groups_of.get(terminal_id, []), command_expiry_s)
 
 
 async def add_package(

@@ -19,11 +19,11 @@ INSERT INTO group_members (group_name, terminal_id)
 SELECT $1, unnest($2::text[])
 ON CONFLICT DO NOTHING;
 
--- name: unassign_group
-DELETE FROM group_members WHERE group_name = $1 AND terminal_id = ANY($2::text[]);
-
--- name: terminal_groups
-SELECT group_name FROM group_members WHERE terminal_id = $1 ORDER BY group_name;
+-- name: terminals_groups
+SELECT terminal_id, array_agg(group_name ORDER BY group_name) AS groups
+FROM group_members
+WHERE terminal_id = ANY($1::text[])
+GROUP BY terminal_id;
 
 -- name: add_package
 INSERT INTO packages (name, kind, version, size, sha256, compatible_models)

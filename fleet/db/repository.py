@@ -151,14 +151,10 @@ class Queries:
         """Add terminals to a group (idempotent)."""
         await self._conn.execute(QUERIES["assign_group"], group, list(terminal_ids))
 
-    async def unassign_group(self, group: str, terminal_ids: Sequence[str]) -> None:
-        """Remove terminals from a group."""
-        await self._conn.execute(QUERIES["unassign_group"], group, list(terminal_ids))
-
-    async def terminal_groups(self, terminal_id: str) -> list[str]:
-        """Return a terminal's groups."""
-        rows = await self._conn.fetch(QUERIES["terminal_groups"], terminal_id)
-        return [r["group_name"] for r in rows]
+    async def terminals_groups(self, terminal_ids: Sequence[str]) -> dict[str, list[str]]:
+        """Return each terminal's groups (terminals in no group are left out)."""
+        rows = await self._conn.fetch(QUERIES["terminals_groups"], list(terminal_ids))
+        return {r["terminal_id"]: list(r["groups"]) for r in rows}
 
     async def add_package(
         self, name: str, kind: str, version: str, size: int, sha256: str, models: Sequence[str]
