@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=c.connect_concurrency,
         help="CONNECTs in flight at most",
     )
-    p.add_argument("--heartbeat-only", action="store_true", help="ignore desired states")
+    p.add_argument(
+        "--heartbeat-only", action="store_true", help="never update: ignore desired states"
+    )
     p.add_argument("--heartbeat-s", type=float, default=t.heartbeat_s)
     p.add_argument("--download-bps", type=int, default=t.download_bps)
     p.add_argument("--install-s", type=float, default=t.install_s)
@@ -88,11 +90,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-test-s", type=float, default=t.self_test_s)
     p.add_argument("--busy-probability", type=float, default=t.busy_probability)
     p.add_argument("--busy-s", type=float, default=t.busy_s)
+    p.add_argument(
+        "--postpone-probability",
+        type=float,
+        default=t.postpone_probability,
+        help="chance the merchant postpones an attempt that may be postponed",
+    )
     p.add_argument("--drop-rate", type=float, default=f.download_drop_rate)
     p.add_argument("--corrupt-rate", type=float, default=f.corrupt_rate)
     p.add_argument("--install-fail-rate", type=float, default=f.install_fail_rate)
     p.add_argument("--self-test-fail-rate", type=float, default=f.self_test_fail_rate)
     p.add_argument("--self-test-fail-models", type=_csv, default=[])
+    p.add_argument(
+        "--self-test-fail-versions",
+        type=_versions,
+        default={},
+        help="package=version,...: releases whose self-test fails",
+    )
+    p.add_argument(
+        "--bricked-versions",
+        type=_versions,
+        default={},
+        help="package=version,...: releases that never boot",
+    )
+    p.add_argument(
+        "--degraded-versions",
+        type=_versions,
+        default={},
+        help="package=version,...: releases with a raised card transaction error rate",
+    )
+    p.add_argument("--txn-error-rate", type=float, default=f.txn_error_rate)
+    p.add_argument("--degraded-error-rate", type=float, default=f.degraded_error_rate)
     p.add_argument(
         "--duration", type=float, default=None, help="seconds to run; default: until signalled"
     )
@@ -128,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
             self_test_s=args.self_test_s,
             busy_probability=args.busy_probability,
             busy_s=args.busy_s,
+            postpone_probability=args.postpone_probability,
         ),
         faults=Faults(
             download_drop_rate=args.drop_rate,
@@ -135,6 +164,11 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
             install_fail_rate=args.install_fail_rate,
             self_test_fail_rate=args.self_test_fail_rate,
             self_test_fail_models=frozenset(args.self_test_fail_models),
+            self_test_fail_versions=args.self_test_fail_versions,
+            bricked_versions=args.bricked_versions,
+            degraded_versions=args.degraded_versions,
+            txn_error_rate=args.txn_error_rate,
+            degraded_error_rate=args.degraded_error_rate,
         ),
     )
 

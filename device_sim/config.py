@@ -23,20 +23,35 @@ class Timing(_Frozen):
     self_test_s: Seconds = 1.0
     busy_probability: Rate = 0.0
     busy_s: Seconds = 5.0
+    #: Chance that the merchant postpones an attempt the controller lets them postpone.
+    postpone_probability: Rate = 0.0
     http_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     download_retry_s: Seconds = 0.5
     reconnect_max_s: Annotated[float, Field(gt=0)] = 10.0
 
 
 class Faults(_Frozen):
-    """Injected fault rates per stage; each is a probability per package or per update."""
+    """Injected faults: rates per package step, and releases that misbehave.
+
+    The `*_versions` fields map a package name to one version of it.
+    A terminal that reboots into a bricked version never comes back; while a degraded
+    version is installed, its heartbeats report `degraded_error_rate` of failed card
+    transactions instead of the baseline `txn_error_rate`.
+    """
 
     download_drop_rate: Rate = 0.0
     corrupt_rate: Rate = 0.0
     install_fail_rate: Rate = 0.0
     self_test_fail_rate: Rate = 0.0
+    #: Models whose self-test fails at the first package of an update.
     self_test_fail_models: frozenset[str] = frozenset()
     max_download_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    #: Releases (package name -> version) whose self-test always fails.
+    self_test_fail_versions: dict[str, str] = Field(default_factory=dict)
+    bricked_versions: dict[str, str] = Field(default_factory=dict)
+    degraded_versions: dict[str, str] = Field(default_factory=dict)
+    txn_error_rate: Rate = 0.01
+    degraded_error_rate: Rate = 0.3
 
 
 class SimConfig(_Frozen):

@@ -1,5 +1,12 @@
 """One simulated payment terminal: boot, heartbeats, commands and the update sequence.
 
+The controller decides who updates when: a group's retained desired state only tells the
+terminal what a campaign installs and whether it is live, and a `start` command admits
+one numbered attempt. An attempt downloads and verifies every package of the bundle, then
+installs them one by one in `KIND_ORDER`, each with its own backup, install, reboot
+(firmware and app) and self-test; a failed package is rolled back alone, and the packages
+after it are not attempted.
+
 The terminal talks only through a `Link`, so the whole behaviour runs against an in-memory
 fake in unit tests. Its message task notices a lost connection and reconnects; nothing
 that task awaits waits for a reconnect (those link calls fail fast), so the terminal
@@ -18,7 +25,7 @@ import logging
 import random
 import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from device_sim.config import SimConfig
@@ -31,20 +38,26 @@ from fleet.protocol import (
     CommandKind,
     DesiredState,
     MessageKind,
+    PackageKind,
     PackageRef,
     ProtocolError,
 )
-from fleet.states import ExecState
+from fleet.states import FINAL, ExecState
 
 logger = logging.getLogger(__name__)
 
 S = ExecState
 _QUEUE_MAX = 64
+_HELD_MAX = 64
+_REPLIES_MAX = 16
 _RECORDS_MAX = 256
 _CAMPAIGNS_MAX = 256
 _SEEN_COMMANDS_MAX = 128
 _PROGRESS_STEP = 25
+_DETAIL_MAX = 200
 _CURRENCIES = ("EUR", "USD", "GBP", "CHF")
+#: Packages whose install only takes effect after a reboot (parameters apply at once).
+_REBOOTS = frozenset({PackageKind.FIRMWARE, PackageKind.APP})
 
 Data = dict[str, Any]
 
@@ -108,18 +121,26 @@ class SentEvent:
     seq: int
     state: ExecState
     ts: float
+    attempt: int | None = None
+    package: str | None = None
     progress: int | None = None
     stage: str | None = None
     error_code: str | None = None
+    detail: str | None = None
 
 
 @dataclasses.dataclass(slots=True)
 class CampaignRecord:
     """The simulator's own account of one attempt at one campaign on one terminal.
 
-    `final_state` is None while the attempt runs, and stays None when a cancel made the
-    terminal abandon it (`abandoned`). `data_before`/`data_after` are checksums of the
-    terminal's data store (pending transactions and local config).
+    `final_state` is None while the attempt runs, and stays None when the merchant
+    postponed it (`postponed`: the controller starts a later attempt) or when the
+    terminal rebooted into a release that never boots (`bricked`). A cancel before
+    installing ends it as `canceled` and sets `abandoned`. `events` are the states the
+    attempt went through; `resent` are repeats of its final state, each answering a
+    `start` the controller sent again because it missed the report. `data_before` and
+    `data_after` are checksums of the terminal's data store (pending transactions and
+    local config).
     """
 
     tid: str
@@ -129,21 +150,24 @@ class CampaignRecord:
     data_before: str
     versions_before: dict[str, str]
     events: list[SentEvent] = dataclasses.field(default_factory=list)
+    resent: list[SentEvent] = dataclasses.field(default_factory=list)
     final_state: ExecState | None = None
     error_code: str | None = None
     abandoned: bool = False
+    postponed: bool = False
+    bricked: bool = False
     finished_at: float | None = None
     data_after: str | None = None
     versions_after: dict[str, str] | None = None
 
     @property
     def settled(self) -> bool:
-        """Tell whether the attempt is over (final state reported or abandoned)."""
-        return self.final_state is not None or self.abandoned
+        """Tell whether the attempt is over (a final state reported, or postponed)."""
+        return self.final_state is not None or self.postponed
 
     @property
     def duration_s(self) -> float | None:
-        """Seconds from picking the campaign up to settling it."""
+        """Seconds from picking the attempt up to settling it."""
         return None if self.finished_at is None else self.finished_at - self.started_at
 
     @property
@@ -153,8 +177,17 @@ class CampaignRecord:
 
     @property
     def states(self) -> list[ExecState]:
-        """The states reported, in order."""
+        """The states the attempt went through, in order (repeats in `resent` excluded)."""
         return [e.state for e in self.events]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Admission:
+    """A `start` the terminal took: which attempt, and whether it may be postponed."""
+
+    campaign_id: int
+    attempt: int
+    may_postpone: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -164,18 +197,37 @@ class _Backup:
     versions: dict[str, str]
 
 
-class _AbandonedError(Exception):
-    """The campaign was canceled before installing; stop without reporting."""
+class _CanceledError(Exception):
+    """A cancel arrived before the first install began; report `canceled` and stop."""
 
 
 class _Finished(Exception):  # noqa: N818 - control flow, not an error
-    """The attempt reached a final state."""
+    """The attempt reached a final state, or was postponed."""
+
+
+class _BrickedError(Exception):
+    """The terminal rebooted into a release that never boots."""
 
 
 Callback = Callable[["Terminal"], None]
 RecordCallback = Callable[[CampaignRecord], None]
 
 _REBOOT = 0  # queue marker: campaign ids start at 1
+
+
+def _not_attempted(later: Sequence[PackageRef]) -> str | None:
+    if not later:
+        return None
+    return "not attempted: " + ", ".join(p.name for p in later)
+
+
+def _detail(reason: str, later: Sequence[PackageRef]) -> str:
+    """`reason`, then the packages not attempted; the list survives the length cap."""
+    tail = _not_attempted(later)
+    if tail is None:
+        return reason[:_DETAIL_MAX]
+    tail = tail[: _DETAIL_MAX - 2]
+    return f"{reason[: _DETAIL_MAX - len(tail) - 2]}; {tail}"
 
 
 class Terminal:
@@ -221,16 +273,23 @@ class Terminal:
         self._booted_at = time.monotonic()
         self._boots = 0
         self._battery = self._rng.randint(40, 100)
+        self._bricked = False
 
-        self._jobs: asyncio.Queue[int] = asyncio.Queue(_QUEUE_MAX)
-        self._queued: set[int] = set()
+        # Desired states: the latest per campaign (what an attempt installs) and per group
+        # (the read-only `desired` view).
         self._latest: dict[int, DesiredState] = {}
         self._desired: dict[str, DesiredState] = {}
         self._desired_view = types.MappingProxyType(self._desired)
-        self._handled: set[int] = set()
-        self._attempts: collections.Counter[int] = collections.Counter()
-        self._current: int | None = None
-        self._cancel_requested: set[int] = set()
+        # Admissions: the highest attempt taken per campaign; those waiting for an active
+        # desired state (`_held`), and those queued for the worker (`_admitted`, whose
+        # campaign ids are in `_jobs`).
+        self._highest: dict[int, int] = {}
+        self._held: dict[int, _Admission] = {}
+        self._admitted: dict[int, _Admission] = {}
+        self._jobs: asyncio.Queue[int] = asyncio.Queue(_QUEUE_MAX)
+        self._running: _Admission | None = None
+        self._cancel_requested = False
+        self._replies: asyncio.Queue[CampaignRecord] = asyncio.Queue(_REPLIES_MAX)
         self._seen_commands: collections.deque[str] = collections.deque(maxlen=_SEEN_COMMANDS_MAX)
         self._records: collections.deque[CampaignRecord] = collections.deque(maxlen=_RECORDS_MAX)
         self._busy_until = 0.0
@@ -241,6 +300,10 @@ class Terminal:
         self._lifecycle = asyncio.Lock()
         # Serialises (un)subscribing, so the last request reflects the latest groups.
         self._subscribing = asyncio.Lock()
+        # Held from numbering a state event to its PUBACK, so events leave in `seq` order
+        # although the worker and the reply task both send them. The message task, which
+        # reconnects, never takes it.
+        self._sending = asyncio.Lock()
         self._stale_topics: set[str] = set()
         self.connected = asyncio.Event()
         self.heartbeats_sent = 0
@@ -282,21 +345,26 @@ class Terminal:
         """Sequence number of the last event sent."""
         return self._seq
 
+    @property
+    def bricked(self) -> bool:
+        """Tell whether the terminal rebooted into a release that never boots."""
+        return self._bricked
+
     def records(self) -> list[CampaignRecord]:
         """Every campaign attempt, oldest first."""
         return list(self._records)
 
-    def record(self, campaign_id: int) -> CampaignRecord | None:
-        """The latest attempt at a campaign, if any."""
+    def record(self, campaign_id: int, attempt: int | None = None) -> CampaignRecord | None:
+        """The latest attempt at a campaign (or the given attempt), if any."""
         for rec in reversed(self._records):
-            if rec.campaign_id == campaign_id:
+            if rec.campaign_id == campaign_id and attempt in (None, rec.attempt):
                 return rec
         return None
 
     @property
     def updating(self) -> bool:
-        """Tell whether a campaign is under way (its data store may be mid-migration)."""
-        return self._current is not None
+        """Tell whether an attempt is under way (its data store may be mid-migration)."""
+        return self._running is not None
 
     def set_busy(self, busy: bool) -> None:
         """Hold (or release) the terminal as if a merchant were mid-transaction."""
@@ -307,6 +375,15 @@ class Terminal:
     def busy(self) -> bool:
         """Tell whether a (simulated) transaction is in progress."""
         return self._busy_forced or time.monotonic() < self._busy_until
+
+    @property
+    def txn_error_rate(self) -> float:
+        """Fraction of card transactions failing now: degraded by a listed version."""
+        degraded = any(
+            self._versions.get(name) == version
+            for name, version in self._faults.degraded_versions.items()
+        )
+        return self._faults.degraded_error_rate if degraded else self._faults.txn_error_rate
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -322,18 +399,23 @@ class Terminal:
                     self._on_connected(self)
                 tg.create_task(self._heartbeat_loop(), name=f"{self.tid}/heartbeat")
                 tg.create_task(self._worker_loop(), name=f"{self.tid}/worker")
+                tg.create_task(self._reply_loop(), name=f"{self.tid}/replies")
         finally:
             await self._power_off()
 
     async def _power_off(self) -> None:
         # Runs while the task is being cancelled: every await is bounded, and a further
-        # cancellation still propagates (only `Exception`s are suppressed).
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2):
-                await self._publish_presence(online=False, wait=False)
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(5):
-                await self._link.disconnect()
+        # cancellation still propagates (only `Exception`s are suppressed). The publish
+        # re-raises the pending cancellation once it is acknowledged (see link.py), so
+        # the disconnect sits in `finally` or a real broker would never see it.
+        try:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await self._publish_presence(online=False, wait=False)
+        finally:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self._link.disconnect()
 
     async def _connect(self) -> None:
         delay = 0.05
@@ -359,6 +441,7 @@ class Terminal:
         async with self._lifecycle:
             await self._power_on()
         await self._announce_or_leave_it()
+        await self._publish_heartbeat()
 
     async def _announce(self) -> None:
         """Tell the controller who we are, and listen; raises `LinkLostError`.
@@ -380,6 +463,8 @@ class Terminal:
         """Reconnect after an unexpected drop and announce again, until that succeeds."""
         delay = 0.05
         while True:
+            if self._bricked:
+                await _forever()
             async with self._lifecycle:
                 await self._connect()
             try:
@@ -403,6 +488,7 @@ class Terminal:
             await self._link.subscribe(topics)
 
     async def _reboot(self, new_versions: dict[str, str] | None = None) -> None:
+        """Restart, into `new_versions` if given; raises `_BrickedError` if it never boots."""
         async with self._lifecycle:
             with contextlib.suppress(LinkLostError):
                 await self._publish_presence(online=False, wait=False)
@@ -410,8 +496,18 @@ class Terminal:
             await asyncio.sleep(self._timing.reboot_s)
             if new_versions is not None:
                 self._versions = dict(new_versions)
+            if any(
+                self._versions.get(name) == version
+                for name, version in self._faults.bricked_versions.items()
+            ):
+                # Disconnected on purpose, so nothing reconnects: the terminal is gone.
+                self._bricked = True
+                logger.warning("%s: rebooted into a bricked release", self.tid)
+                raise _BrickedError
             await self._power_on()
         await self._announce_or_leave_it()
+        # Besides the periodic ones: the controller sees the new versions at once.
+        await self._publish_heartbeat()
 
     # -- publishing -------------------------------------------------------------------
 
@@ -447,12 +543,16 @@ class Terminal:
             storage_free_mb=512 - 8 * len(self._data.get("pending_txns", [])),
             busy=self.busy,
             health={
-                "txn_errors": 0,
+                protocol.HEALTH_TXN_ERROR_RATE: self.txn_error_rate,
                 "uptime_s": int(time.monotonic() - self._booted_at),
                 "pending_txns": len(self._data.get("pending_txns", [])),
                 "boots": self._boots,
             },
         )
+
+    async def _publish_heartbeat(self) -> None:
+        await self._link.publish(self._topic(MessageKind.HEARTBEAT), self.heartbeat().to_bytes())
+        self.heartbeats_sent += 1
 
     async def _heartbeat_loop(self) -> None:
         interval = self._timing.heartbeat_s
@@ -460,35 +560,51 @@ class Terminal:
         await asyncio.sleep(self._rng.random() * interval)
         while True:
             self._battery = max(5, min(100, self._battery + self._rng.choice((-1, 0, 1))))
-            await self._link.publish(
-                self._topic(MessageKind.HEARTBEAT), self.heartbeat().to_bytes()
-            )
-            self.heartbeats_sent += 1
+            await self._publish_heartbeat()
             await asyncio.sleep(interval)
 
-    async def _emit(self, record: CampaignRecord, state: ExecState, **fields: Any) -> None:  # noqa: ANN401
-        self._seq += 1
-        event = protocol.StateEvent(
-            msg_id=protocol.new_message_id(),
-            tid=self.tid,
-            seq=self._seq,
-            campaign_id=record.campaign_id,
-            state=state,
-            ts=protocol.now(),
-            **fields,
-        )
-        record.events.append(
-            SentEvent(
+    async def _emit(
+        self,
+        record: CampaignRecord,
+        state: ExecState,
+        *,
+        package: str | None = None,
+        progress: int | None = None,
+        stage: str | None = None,
+        error_code: str | None = None,
+        detail: str | None = None,
+        resend: bool = False,
+    ) -> None:
+        async with self._sending:
+            self._seq += 1
+            event = protocol.StateEvent(
+                msg_id=protocol.new_message_id(),
+                tid=self.tid,
+                seq=self._seq,
+                campaign_id=record.campaign_id,
+                state=state,
+                ts=protocol.now(),
+                attempt=record.attempt,
+                package=package,
+                progress=progress,
+                stage=stage,
+                error_code=error_code,
+                detail=detail,
+            )
+            sent = SentEvent(
                 event.msg_id,
                 event.seq,
                 state,
                 event.ts,
-                event.progress,
-                event.stage,
-                event.error_code,
+                attempt=record.attempt,
+                package=package,
+                progress=progress,
+                stage=stage,
+                error_code=error_code,
+                detail=detail,
             )
-        )
-        await self._link.publish(self._topic(MessageKind.EVENTS), event.to_bytes())
+            (record.resent if resend else record.events).append(sent)
+            await self._link.publish(self._topic(MessageKind.EVENTS), event.to_bytes())
 
     # -- incoming ---------------------------------------------------------------------
 
@@ -531,31 +647,16 @@ class Terminal:
             return
         self._latest[cid] = desired
         if len(self._latest) > _CAMPAIGNS_MAX:
-            oldest = min(c for c in self._latest if c != self._current)
-            del self._latest[oldest]
-        self._consider(cid)
+            del self._latest[min(c for c in self._latest if c != self._running_campaign)]
+        if desired.status == "active" and cid in self._held:
+            # The start overtook the retained desired state (after a (re)subscribe).
+            self._enqueue(self._held.pop(cid))
+        elif desired.status == "canceled":
+            self._held.pop(cid, None)
 
-    def _startable(self, cid: int) -> bool:
-        desired = self._latest.get(cid)
-        return (
-            desired is not None
-            and desired.status == "active"
-            and protocol.bucket_of(self.tid) in desired.buckets
-            and cid not in self._handled
-        )
-
-    def _consider(self, cid: int) -> None:
-        if cid in self._queued or not self._startable(cid):
-            return
-        self._enqueue(cid)
-
-    def _enqueue(self, job: int) -> None:
-        try:
-            self._jobs.put_nowait(job)
-        except asyncio.QueueFull:
-            logger.warning("%s: job queue full, dropping job %d", self.tid, job)
-            return
-        self._queued.add(job)
+    @property
+    def _running_campaign(self) -> int | None:
+        return None if self._running is None else self._running.campaign_id
 
     async def _on_command(self, command: Command) -> None:
         if command.tid != self.tid or command.msg_id in self._seen_commands:
@@ -568,19 +669,73 @@ class Terminal:
         match command.kind:
             case CommandKind.GROUPS:
                 await self._set_groups(set(command.groups or []))
+            case CommandKind.START if cid is not None and command.attempt is not None:
+                # Without `may_postpone` the start is taken as forced: nobody said "later".
+                self._on_start(_Admission(cid, command.attempt, bool(command.may_postpone)))
             case CommandKind.CANCEL if cid is not None:
-                if cid == self._current:
-                    self._cancel_requested.add(cid)
-                    self._wake.set()
-                else:
-                    self._handled.add(cid)
-            case CommandKind.RETRY if cid is not None and cid != self._current:
-                self._handled.discard(cid)
-                self._consider(cid)
+                self._on_cancel(cid)
             case CommandKind.REBOOT:
-                self._enqueue(_REBOOT)
+                self._enqueue_job(_REBOOT)
             case _:
                 logger.info("%s: ignoring %s command", self.tid, command.kind.value)
+
+    def _on_start(self, admission: _Admission) -> None:
+        if self._config.heartbeat_only:
+            return
+        cid, attempt = admission.campaign_id, admission.attempt
+        taken = self._highest.get(cid)
+        if taken is not None and attempt <= taken:
+            # The controller sends a start again when it missed the attempt's report:
+            # repeat a final state; a running, postponed or forgotten attempt stays quiet.
+            record = self.record(cid, attempt)
+            if record is not None and record.final_state is not None:
+                try:
+                    self._replies.put_nowait(record)
+                except asyncio.QueueFull:
+                    logger.warning("%s: reply queue full, not repeating c%d", self.tid, cid)
+            return
+        if self._running_campaign == cid:
+            logger.info("%s: c%d attempt %d still running", self.tid, cid, attempt)
+            return
+        self._highest[cid] = attempt
+        if len(self._highest) > _CAMPAIGNS_MAX:
+            del self._highest[min(c for c in self._highest if c != cid)]
+        if cid in self._admitted:
+            self._admitted[cid] = admission  # already queued: run the newer attempt
+            return
+        self._held.pop(cid, None)
+        desired = self._latest.get(cid)
+        if desired is not None and desired.status == "active":
+            self._enqueue(admission)
+        else:
+            self._hold(admission)
+
+    def _on_cancel(self, cid: int) -> None:
+        if self._running_campaign == cid:
+            self._cancel_requested = True
+            self._wake.set()
+        else:
+            self._held.pop(cid, None)
+            self._admitted.pop(cid, None)  # its queue entry is skipped
+
+    def _hold(self, admission: _Admission) -> None:
+        self._held[admission.campaign_id] = admission
+        if len(self._held) > _HELD_MAX:
+            oldest = next(iter(self._held))
+            logger.warning("%s: too many held starts, dropping c%d", self.tid, oldest)
+            del self._held[oldest]
+
+    def _enqueue(self, admission: _Admission) -> None:
+        if self._enqueue_job(admission.campaign_id):
+            self._admitted[admission.campaign_id] = admission
+
+    def _enqueue_job(self, job: int) -> bool:
+        try:
+            self._jobs.put_nowait(job)
+        except asyncio.QueueFull:
+            logger.warning("%s: job queue full, dropping job %d", self.tid, job)
+            return False
+        return True
 
     async def _set_groups(self, groups: set[str]) -> None:
         """Listen to exactly `groups`; raises `LinkLostError` (the resume finishes the job)."""
@@ -601,32 +756,53 @@ class Terminal:
 
     # -- the update -------------------------------------------------------------------
 
+    async def _reply_loop(self) -> None:
+        while True:
+            record = await self._replies.get()
+            final = next(e for e in reversed(record.events) if e.state in FINAL)
+            await self._emit(
+                record,
+                final.state,
+                package=final.package,
+                stage=final.stage,
+                error_code=final.error_code,
+                detail=final.detail,
+                resend=True,
+            )
+
     async def _worker_loop(self) -> None:
         while True:
             job = await self._jobs.get()
-            self._queued.discard(job)
             if job == _REBOOT:
-                await self._reboot()
+                try:
+                    await self._reboot()
+                except _BrickedError:
+                    await _forever()
                 continue
+            admission = self._admitted.pop(job, None)
+            if admission is None:
+                continue  # canceled while queued
             desired = self._latest.get(job)
-            if desired is None or not self._startable(job):
+            if desired is None or desired.status != "active":
+                # Paused (or forgotten) since: wait for it to be active again.
+                if desired is None or desired.status == "paused":
+                    self._hold(admission)
                 continue
-            self._handled.add(job)
-            self._current = job
-            self._cancel_requested.discard(job)
+            self._running = admission
+            self._cancel_requested = False
             try:
-                await self._update(desired)
+                await self._update(admission, desired)
+            except _BrickedError:
+                await _forever()  # the attempt never settles
             finally:
-                self._current = None
-                self._cancel_requested.discard(job)
+                self._running = None
+                self._cancel_requested = False
 
-    async def _update(self, desired: DesiredState) -> None:
-        cid = desired.campaign_id
-        self._attempts[cid] += 1
+    async def _update(self, admission: _Admission, desired: DesiredState) -> None:
         record = CampaignRecord(
             tid=self.tid,
-            campaign_id=cid,
-            attempt=self._attempts[cid],
+            campaign_id=admission.campaign_id,
+            attempt=admission.attempt,
             started_at=time.monotonic(),
             data_before=self.data_checksum,
             versions_before=dict(self._versions),
@@ -635,12 +811,19 @@ class Terminal:
         if self._on_record is not None:
             self._on_record(record)
         try:
-            await self._run_update(record, desired)
-        except _AbandonedError:
-            logger.info("%s: campaign %d canceled, abandoned", self.tid, cid)
+            await self._run_update(record, desired, may_postpone=admission.may_postpone)
+        except _CanceledError:
+            logger.info("%s: c%d canceled, abandoned", self.tid, record.campaign_id)
             record.abandoned = True
+            await self._emit(record, S.CANCELED, stage=record.events[-1].state.value)
+            record.final_state = S.CANCELED
         except _Finished:
             pass
+        except _BrickedError:
+            record.bricked = True
+            if self._on_record is not None:
+                self._on_record(record)
+            raise
         record.finished_at = time.monotonic()
         record.data_after = self.data_checksum
         record.versions_after = dict(self._versions)
@@ -651,19 +834,27 @@ class Terminal:
         self,
         record: CampaignRecord,
         state: ExecState,
-        **fields: Any,  # noqa: ANN401
+        *,
+        package: str | None = None,
+        stage: str | None = None,
+        error_code: str | None = None,
+        detail: str | None = None,
     ) -> NoReturn:
-        await self._emit(record, state, **fields)
+        await self._emit(
+            record, state, package=package, stage=stage, error_code=error_code, detail=detail
+        )
         record.final_state = state
-        record.error_code = fields.get("error_code")
+        record.error_code = error_code
         raise _Finished
 
-    def _check_cancel(self, cid: int) -> None:
-        if cid in self._cancel_requested:
-            raise _AbandonedError
+    def _check_cancel(self) -> None:
+        # Only ever called in states that may move to `canceled` (never in `verifying`).
+        if self._cancel_requested:
+            raise _CanceledError
 
-    async def _run_update(self, record: CampaignRecord, desired: DesiredState) -> None:
-        cid = desired.campaign_id
+    async def _run_update(
+        self, record: CampaignRecord, desired: DesiredState, *, may_postpone: bool
+    ) -> None:
         packages = sorted(desired.packages, key=lambda p: KIND_ORDER[p.kind])
         incompatible = [p.name for p in packages if p.models and self.model not in p.models]
         if incompatible:
@@ -672,44 +863,81 @@ class Terminal:
                 S.REJECTED,
                 stage="check",
                 error_code="INCOMPATIBLE_MODEL",
-                detail=f"{self.model} not supported by {','.join(incompatible)}"[:200],
+                detail=f"{self.model} not supported by {','.join(incompatible)}"[:_DETAIL_MAX],
             )
         todo = [p for p in packages if self._versions.get(p.name) != p.version]
         if not todo:
             await self._finish(record, S.ALREADY_INSTALLED)
         await self._emit(record, S.QUEUED)
+        if may_postpone and self._rng.random() < self._timing.postpone_probability:
+            # The merchant said "later": no final state; the controller starts a new attempt.
+            await self._emit(record, S.DEFERRED, stage="postponed")
+            record.postponed = True
+            raise _Finished
+        self._check_cancel()
         await self._wait_idle(record)
-        for package in todo:
-            self._check_cancel(cid)
-            await self._fetch(record, package)
-        self._check_cancel(cid)
+        for index, package in enumerate(todo):
+            self._check_cancel()
+            await self._fetch(record, package, later=todo[index + 1 :])
+        # The last moment a cancel is honoured: an install is never interrupted.
+        self._check_cancel()
+        for index, package in enumerate(todo):
+            await self._install(record, package, later=todo[index + 1 :], first=index == 0)
+        await self._finish(record, S.SUCCEEDED)
 
-        await self._emit(record, S.BACKING_UP)
+    async def _install(
+        self,
+        record: CampaignRecord,
+        package: PackageRef,
+        *,
+        later: Sequence[PackageRef],
+        first: bool,
+    ) -> None:
+        """Back up, install, (reboot,) self-test one package; roll it alone back on failure."""
+        name = package.name
+        await self._emit(record, S.BACKING_UP, package=name)
         backup = _Backup(copy.deepcopy(self._data), self.data_checksum, dict(self._versions))
 
-        await self._emit(record, S.INSTALLING)
+        await self._emit(record, S.INSTALLING, package=name)
         await asyncio.sleep(self._timing.install_s)
         # New software brings a new, empty data store; the data must be migrated into it.
         self._data = {"pending_txns": [], "config": {}}
         if self._rng.random() < self._faults.install_fail_rate:
             self._restore(backup, versions=True)
-            await self._finish(record, S.ROLLED_BACK, stage="install", error_code="INSTALL_FAILED")
+            await self._finish(
+                record,
+                S.ROLLED_BACK,
+                package=name,
+                stage="install",
+                error_code="INSTALL_FAILED",
+                detail=_not_attempted(later),
+            )
+        installed = self._versions | {name: package.version}
+        if package.kind in _REBOOTS:
+            await self._emit(record, S.REBOOTING, package=name)
+            await self._reboot(installed)
+        else:
+            self._versions = installed
 
-        await self._emit(record, S.REBOOTING)
-        await self._reboot(self._versions | {p.name: p.version for p in todo})
-
-        await self._emit(record, S.SELF_TESTING)
+        await self._emit(record, S.SELF_TESTING, package=name)
         await asyncio.sleep(self._timing.self_test_s)
+        faults = self._faults
         if (
-            self.model in self._faults.self_test_fail_models
-            or self._rng.random() < self._faults.self_test_fail_rate
+            (first and self.model in faults.self_test_fail_models)
+            or faults.self_test_fail_versions.get(name) == package.version
+            or self._rng.random() < faults.self_test_fail_rate
         ):
+            # Back to this package's previous version; earlier packages stay installed.
             self._restore(backup, versions=True)
             await self._finish(
-                record, S.ROLLED_BACK, stage="self_test", error_code="SELF_TEST_FAILED"
+                record,
+                S.ROLLED_BACK,
+                package=name,
+                stage="self_test",
+                error_code="SELF_TEST_FAILED",
+                detail=_not_attempted(later),
             )
         self._restore(backup, versions=False)
-        await self._finish(record, S.SUCCEEDED)
 
     def _restore(self, backup: _Backup, *, versions: bool) -> None:
         if checksum(backup.data) != backup.checksum:
@@ -726,27 +954,29 @@ class Terminal:
             return
         await self._emit(record, S.DEFERRED, stage="busy")
         while self.busy:
-            self._check_cancel(record.campaign_id)
+            self._check_cancel()
             self._wake.clear()
             timeout = None if self._busy_forced else self._busy_until - time.monotonic()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
 
-    async def _fetch(self, record: CampaignRecord, package: PackageRef) -> None:
-        cid = record.campaign_id
-        await self._emit(record, S.DOWNLOADING, progress=0)
+    async def _fetch(
+        self, record: CampaignRecord, package: PackageRef, *, later: Sequence[PackageRef]
+    ) -> None:
+        name = package.name
+        await self._emit(record, S.DOWNLOADING, package=name, progress=0)
         reported = 0
 
         async def progress(offset: int) -> None:
             nonlocal reported
-            self._check_cancel(cid)
+            self._check_cancel()
             if package.size <= 0:
                 return
             pct = offset * 100 // package.size // _PROGRESS_STEP * _PROGRESS_STEP
             if reported < pct < 100:
                 reported = pct
-                await self._emit(record, S.DOWNLOADING, progress=pct)
+                await self._emit(record, S.DOWNLOADING, package=name, progress=pct)
 
         rng, faults = self._rng, self._faults
         drop = rng.random() < faults.download_drop_rate and package.size > 1
@@ -766,16 +996,28 @@ class Terminal:
             result = await download(plan, progress)
         except DownloadFailedError as exc:
             await self._finish(
-                record, S.FAILED, stage="download", error_code=exc.code, detail=exc.detail
+                record,
+                S.FAILED,
+                package=name,
+                stage="download",
+                error_code=exc.code,
+                detail=_detail(exc.detail, later),
             )
-        await self._emit(record, S.DOWNLOADED, progress=100)
-        await self._emit(record, S.VERIFYING)
+        await self._emit(record, S.DOWNLOADED, package=name, progress=100)
+        await self._emit(record, S.VERIFYING, package=name)
         if result.length != package.size or result.sha256 != package.sha256:
             await self._finish(
                 record,
                 S.FAILED,
+                package=name,
                 stage="verify",
                 error_code="HASH_MISMATCH",
-                detail=f"{package.name}: got {result.length} bytes sha256 {result.sha256[:12]}",
+                detail=_detail(f"got {result.length} bytes sha256 {result.sha256[:12]}", later),
             )
-        await self._emit(record, S.VERIFIED)
+        await self._emit(record, S.VERIFIED, package=name)
+
+
+async def _forever() -> NoReturn:
+    """Wait until cancelled: what is left of a terminal that never boots again."""
+    await asyncio.get_running_loop().create_future()
+    raise AssertionError  # pragma: no cover - the future never completes

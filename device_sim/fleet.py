@@ -1,4 +1,11 @@
-"""Many simulated terminals in one asyncio process, awaitable milestones and a report."""
+"""Many simulated terminals in one asyncio process, awaitable milestones and a report.
+
+Terminals start an update only when the controller sends them a `start` command, and a
+campaign may take several attempts per terminal (a postponed or failed attempt is
+followed by a later `start`). The milestones therefore follow each terminal's *latest*
+attempt at a campaign: a terminal counts as final once that attempt reported a final
+state.
+"""
 
 import asyncio
 import collections
@@ -115,7 +122,9 @@ class Simulator:
         self._all_connected = asyncio.Event()
         if not self.terminals:
             self._all_connected.set()
-        self._settled: collections.defaultdict[int, set[str]] = collections.defaultdict(set)
+        # Per campaign: terminals that took part, and those whose latest attempt is final.
+        self._participants: collections.defaultdict[int, set[str]] = collections.defaultdict(set)
+        self._final: collections.defaultdict[int, set[str]] = collections.defaultdict(set)
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._desired_waiters: list[_DesiredWaiter] = []
         self._started_at: float | None = None
@@ -149,11 +158,13 @@ class Simulator:
         self._notify()
 
     def _record_changed(self, record: CampaignRecord) -> None:
-        settled = self._settled[record.campaign_id]
-        if record.settled:
-            settled.add(record.tid)
+        # Called for the terminal's latest attempt only: when it starts and when it ends.
+        self._participants[record.campaign_id].add(record.tid)
+        final = self._final[record.campaign_id]
+        if record.final_state is not None:
+            final.add(record.tid)
         else:
-            settled.discard(record.tid)
+            final.discard(record.tid)
         self._notify()
 
     def _desired_changed(self, terminal: Terminal) -> None:
@@ -179,6 +190,17 @@ class Simulator:
 
     # -- what tests wait for ----------------------------------------------------------
 
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float | None = None) -> None:
+        """Wait until `predicate()` holds.
+
+        It is checked whenever a terminal connects for the first time, or an attempt
+        starts, settles or leaves its terminal bricked; never by polling.
+
+        Raises:
+            TimeoutError: it did not hold in time.
+        """
+        await self._wait_until(predicate, timeout_s)
+
     @property
     def connected_count(self) -> int:
         """How many terminals have connected at least once."""
@@ -190,25 +212,71 @@ class Simulator:
             await self._all_connected.wait()
 
     async def wait_final(
-        self, campaign_id: int, count: int, timeout_s: float | None = None
+        self, campaign_id: int, count: int | None = None, timeout_s: float | None = None
     ) -> list[CampaignRecord]:
-        """Wait until `count` terminals settled their latest attempt at a campaign.
+        """Wait until terminals' latest attempts at a campaign reported a final state.
 
-        Settled means a final state was reported, or a cancel made the terminal abandon
-        the attempt. Returns those terminals' latest records.
+        With `count`, wait for that many terminals; without, for every terminal that has
+        taken part so far (at least one, so the wait does not end before anyone started).
+        A postponed attempt is not final: its terminal waits for a later `start`. A cancel
+        honoured before installing is final (`canceled`).
+
+        Returns:
+            The latest record of each terminal whose latest attempt is final.
 
         Raises:
-            TimeoutError: fewer than `count` settled in time.
+            TimeoutError: not enough terminals reached a final state in time.
         """
-        await self._wait_until(lambda: len(self._settled[campaign_id]) >= count, timeout_s)
+
+        def done() -> bool:
+            final = self._final[campaign_id]
+            if count is not None:
+                return len(final) >= count
+            return bool(final) and final >= self._participants[campaign_id]
+
+        await self._wait_until(done, timeout_s)
         return self.campaign_records(campaign_id)
 
     async def wait_terminal_final(
-        self, tid: str, campaign_id: int, timeout_s: float | None = None
+        self,
+        tid: str,
+        campaign_id: int,
+        timeout_s: float | None = None,
+        *,
+        attempt: int | None = None,
     ) -> CampaignRecord:
-        """Wait until one terminal settled its latest attempt at a campaign."""
-        await self._wait_until(lambda: tid in self._settled[campaign_id], timeout_s)
-        record = self.terminals[tid].record(campaign_id)
+        """Wait until a terminal's latest attempt (or `attempt`) reported a final state."""
+        return await self._wait_record(
+            tid, campaign_id, attempt, lambda r: r.final_state is not None, timeout_s
+        )
+
+    async def wait_terminal_settled(
+        self,
+        tid: str,
+        campaign_id: int,
+        timeout_s: float | None = None,
+        *,
+        attempt: int | None = None,
+    ) -> CampaignRecord:
+        """Wait until a terminal's latest attempt (or `attempt`) is final or postponed."""
+        return await self._wait_record(tid, campaign_id, attempt, lambda r: r.settled, timeout_s)
+
+    async def _wait_record(
+        self,
+        tid: str,
+        campaign_id: int,
+        attempt: int | None,
+        match: Callable[[CampaignRecord], bool],
+        timeout_s: float | None,
+    ) -> CampaignRecord:
+        terminal = self.terminals[tid]
+
+        def done() -> bool:
+            record = terminal.record(campaign_id, attempt)
+            return record is not None and match(record)
+
+        await self._wait_until(done, timeout_s)
+        record = terminal.record(campaign_id, attempt)
         assert record is not None
         return record
 
@@ -250,14 +318,19 @@ class Simulator:
         return [r for t in self.terminals.values() for r in t.records()]
 
     def campaign_records(self, campaign_id: int) -> list[CampaignRecord]:
-        """Each terminal's latest, settled attempt at a campaign."""
-        found = (self.terminals[tid].record(campaign_id) for tid in self._settled[campaign_id])
+        """Each terminal's latest attempt at a campaign, where that attempt is final."""
+        found = (self.terminals[tid].record(campaign_id) for tid in self._final[campaign_id])
         return [r for r in found if r is not None]
 
     # -- report -----------------------------------------------------------------------
 
     def report(self) -> dict[str, Any]:
-        """Summarise the run: final states, update durations and the data-integrity check."""
+        """Summarise the run: final states, update durations and the data-integrity check.
+
+        Per campaign, `attempts` counts every attempt (a postponed or failed one and its
+        successor count twice); `final` counts the final states reported, and
+        `postponed`, `abandoned` (canceled before installing) and `in_progress` the rest.
+        """
         campaigns: dict[str, dict[str, Any]] = {}
         violations: list[str] = []
         checked = 0
@@ -283,15 +356,18 @@ class Simulator:
                 "attempts": len(records),
                 "final": dict(sorted(finals.items())),
                 "abandoned": sum(r.abandoned for r in records),
+                "postponed": sum(r.postponed for r in records),
                 "in_progress": sum(not r.settled for r in records),
                 "duration_s": percentiles(durations),
             }
         # Nothing but an update touches the data store, so it must still hold what it did
-        # at start-up (checked only while no migration is under way).
+        # at start-up (checked only while no migration is under way; a bricked terminal
+        # stays mid-migration).
         violations.extend(
             f"{t.tid}/now"
             for t in self.terminals.values()
-            if not t.updating and t.pending_txns != [dict(x) for x in t.profile.pending_txns]
+            if not (t.updating or t.bricked)
+            and t.pending_txns != [dict(x) for x in t.profile.pending_txns]
         )
         end = self._stopped_at or time.monotonic()
         return {
@@ -300,6 +376,7 @@ class Simulator:
             "elapsed_s": round(end - self._started_at, 3) if self._started_at else 0.0,
             "events_sent": sum(t.seq for t in self.terminals.values()),
             "heartbeats_sent": sum(t.heartbeats_sent for t in self.terminals.values()),
+            "bricked": sum(t.bricked for t in self.terminals.values()),
             "campaigns": campaigns,
             "integrity": {
                 "checked": checked,

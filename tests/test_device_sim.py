@@ -15,22 +15,22 @@ import aiomqtt
 import pytest
 
 from device_sim.config import Faults, SimConfig, Timing
-from device_sim.device import CampaignRecord, Terminal, TerminalProfile
+from device_sim.device import CampaignRecord, SentEvent, Terminal, TerminalProfile
 from device_sim.download import DownloadFailedError, DownloadPlan, download
 from device_sim.fleet import Simulator, aiomqtt_link_factory
 from device_sim.link import AiomqttLink, Incoming, LinkLostError
 from fleet import dynsec, protocol
 from fleet.broker_admin import BrokerAdmin
 from fleet.protocol import (
-    BucketRange,
     Command,
     CommandKind,
     DesiredState,
     MessageKind,
     PackageKind,
     PackageRef,
+    StateEvent,
 )
-from fleet.states import ExecState, can_move
+from fleet.states import FINAL, ExecState, can_move
 from tests.conftest import CONTROLLER_PASSWORD, CONTROLLER_USERNAME, TERMINAL_SECRET
 
 S = ExecState
@@ -60,6 +60,7 @@ class FakeLink:
         self.refuse = False
         self.connect_delay = 0.0
         self.on_connect: Callable[[FakeLink], None] | None = None
+        self.on_publish: Callable[[str, bytes], None] | None = None
         self.connecting = 0
         self.max_connecting = 0
         self.lost = False
@@ -106,6 +107,8 @@ class FakeLink:
                 raise LinkLostError("fake")
             await self._kick.wait()
         self.published.append((topic, payload, retain))
+        if self.on_publish is not None:
+            self.on_publish(topic, payload)
         self._changed()
 
     async def subscribe(self, topics: Sequence[str]) -> None:
@@ -221,6 +224,8 @@ async def http() -> AsyncIterator[ArtifactServer]:
 
 # -- helpers ------------------------------------------------------------------------
 
+INITIAL = {"os": "1.0", "pay": "1.0", "cfg": "1"}
+
 
 def make_config(**overrides: Any) -> SimConfig:
     timing = Timing(
@@ -236,7 +241,7 @@ def make_config(**overrides: Any) -> SimConfig:
     base: dict[str, Any] = {
         "count": 1,
         "models": {MODEL: 1.0},
-        "initial_versions": {"os": "1.0", "pay": "1.0"},
+        "initial_versions": INITIAL,
         "groups": [GROUP],
         "pending_txns_max": 5,
         "timing": timing,
@@ -244,6 +249,10 @@ def make_config(**overrides: Any) -> SimConfig:
     }
     base.update(overrides)
     return SimConfig(**base)
+
+
+def timing(**changes: Any) -> Timing:
+    return make_config().timing.model_copy(update=changes)
 
 
 def package(
@@ -267,20 +276,27 @@ def package(
     )
 
 
+def bundle(server: ArtifactServer) -> tuple[PackageRef, PackageRef, PackageRef]:
+    """Firmware, app and parameters, each one version up."""
+    return (
+        package(server, "os", PackageKind.FIRMWARE, "2.0"),
+        package(server, "pay", PackageKind.APP, "3.1"),
+        package(server, "cfg", PackageKind.PARAMS, "2", size=2_000),
+    )
+
+
 def desired(
-    packages: list[PackageRef],
+    packages: Sequence[PackageRef],
     campaign_id: int = 1,
     revision: int = 1,
     status: str = "active",
-    buckets: BucketRange | None = None,
 ) -> bytes:
     return DesiredState(
         group=GROUP,
         campaign_id=campaign_id,
         revision=revision,
         status=status,  # type: ignore[arg-type]
-        packages=packages,
-        buckets=buckets or BucketRange(lo=0, hi=protocol.BUCKETS),
+        packages=list(packages),
         issued_at=protocol.now(),
     ).to_bytes()
 
@@ -313,20 +329,49 @@ class Harness:
         for link in self.links.values():
             link.deliver(protocol.desired_topic(GROUP), payload, retain=True)
 
-    def command(self, kind: CommandKind, **fields: Any) -> None:
+    def command(self, kind: CommandKind, *, tid: str | None = None, **fields: Any) -> None:
+        tid = tid or self.tid
         ts = protocol.now()
         cmd = Command(
             msg_id=protocol.new_message_id(),
-            tid=self.tid,
+            tid=tid,
             kind=kind,
             issued_at=ts,
             expires_at=fields.pop("expires_at", ts + 60),
             **fields,
         )
-        self.link.deliver(protocol.terminal_topic(self.tid, MessageKind.CMD), cmd.to_bytes())
+        self.links[tid].deliver(protocol.terminal_topic(tid, MessageKind.CMD), cmd.to_bytes())
 
-    async def final(self, campaign_id: int = 1) -> CampaignRecord:
-        return await self.sim.wait_terminal_final(self.tid, campaign_id, timeout_s=WAIT)
+    def start(
+        self,
+        campaign_id: int = 1,
+        attempt: int = 1,
+        *,
+        may_postpone: bool = False,
+        tid: str | None = None,
+    ) -> None:
+        self.command(
+            CommandKind.START,
+            tid=tid,
+            campaign_id=campaign_id,
+            attempt=attempt,
+            may_postpone=may_postpone,
+        )
+
+    def update(self, packages: Sequence[PackageRef], campaign_id: int = 1) -> None:
+        """Publish an active desired state and admit every terminal (attempt 1)."""
+        self.publish_desired(desired(packages, campaign_id))
+        for tid in self.sim.terminals:
+            self.start(campaign_id, tid=tid)
+
+    def events(self, campaign_id: int | None = None) -> list[StateEvent]:
+        found = self.link.of_kind(MessageKind.EVENTS)
+        return [e for e in found if campaign_id in (None, e.campaign_id)]
+
+    async def final(self, campaign_id: int = 1, attempt: int | None = None) -> CampaignRecord:
+        return await self.sim.wait_terminal_final(
+            self.tid, campaign_id, timeout_s=WAIT, attempt=attempt
+        )
 
 
 @contextlib.asynccontextmanager
@@ -345,91 +390,138 @@ def collapsed(states: list[ExecState]) -> list[ExecState]:
     return [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s]
 
 
-def assert_wire_consistent(harness: Harness, record: CampaignRecord) -> None:
+def _fields(e: StateEvent | SentEvent) -> tuple[Any, ...]:
+    return (e.msg_id, e.seq, e.state, e.attempt, e.package, e.stage, e.error_code, e.detail)
+
+
+def assert_wire_consistent(harness: Harness, *records: CampaignRecord) -> None:
+    """The wire carries exactly what the records say, in an order the controller accepts."""
     events = harness.link.of_kind(MessageKind.EVENTS)
-    mine = [e for e in events if e.campaign_id == record.campaign_id]
-    assert [(e.msg_id, e.seq, e.state) for e in mine] == [
-        (e.msg_id, e.seq, e.state) for e in record.events
-    ]
-    seqs = [e.seq for e in events]
-    assert seqs == list(range(1, len(events) + 1))
+    campaigns = {r.campaign_id for r in records}
+    mine = [e for e in events if e.campaign_id in campaigns]
+    sent = sorted((e for r in records for e in (*r.events, *r.resent)), key=lambda e: e.seq)
+    assert [_fields(e) for e in mine] == [_fields(e) for e in sent]
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
     assert len({e.msg_id for e in events}) == len(events)
-    state = S.PENDING
+    state: dict[int, ExecState] = {}
+    attempt: dict[int, int | None] = {}
     for event in mine:
-        assert can_move(state, event.state) or state == event.state, (state, event.state)
-        state = event.state
+        cid = event.campaign_id
+        current = state.get(cid, S.PENDING)
+        if event.attempt != attempt.get(cid) and current in FINAL:
+            current = S.PENDING  # the controller re-admits the execution for a new attempt
+        assert can_move(current, event.state) or current == event.state, (current, event)
+        state[cid], attempt[cid] = event.state, event.attempt
 
 
-HAPPY = [
-    S.QUEUED,
-    S.DOWNLOADING,
-    S.DOWNLOADED,
-    S.VERIFYING,
-    S.VERIFIED,
-    S.BACKING_UP,
-    S.INSTALLING,
-    S.REBOOTING,
-    S.SELF_TESTING,
-    S.SUCCEEDED,
-]
+def event_state(payload: bytes) -> str:
+    return str(json.loads(payload)["state"])
+
+
+FETCH = [S.DOWNLOADING, S.DOWNLOADED, S.VERIFYING, S.VERIFIED]
+INSTALL_WITH_REBOOT = [S.BACKING_UP, S.INSTALLING, S.REBOOTING, S.SELF_TESTING]
+HAPPY = [S.QUEUED, *FETCH, *INSTALL_WITH_REBOOT, S.SUCCEEDED]
 
 
 # -- the update sequence ------------------------------------------------------------
 
 
-async def test_success_path(http: ArtifactServer) -> None:
+async def test_bundle_installs_in_kind_order(http: ArtifactServer) -> None:
     async with running(make_config()) as h:
         before_data, before_txns = h.terminal.data_checksum, h.terminal.pending_txns
-        app = package(http, "pay", PackageKind.APP, "3.1")
-        fw = package(http, "os", PackageKind.FIRMWARE, "2.0")
-        h.publish_desired(desired([app, fw]))
+        fw, app, params = bundle(http)
+        h.update([params, app, fw])
         record = await h.final()
 
         assert record.final_state is S.SUCCEEDED
+        assert record.attempt == 1
         assert collapsed(record.states) == [
             S.QUEUED,
-            *[S.DOWNLOADING, S.DOWNLOADED, S.VERIFYING, S.VERIFIED] * 2,
-            *HAPPY[5:],
+            *FETCH * 3,
+            *INSTALL_WITH_REBOOT * 2,
+            # Parameters apply without a reboot.
+            *[S.BACKING_UP, S.INSTALLING, S.SELF_TESTING],
+            S.SUCCEEDED,
         ]
+        steps = [(e.state, e.package) for e in record.events if e.state is not S.DOWNLOADING]
+        assert [p for s, p in steps if s in {S.VERIFIED, S.SELF_TESTING}] == [
+            "os",
+            "pay",
+            "cfg",
+        ] * 2
+        assert record.events[0].package is None
+        assert record.events[-1].package is None
         progress = [e.progress for e in record.events if e.state is S.DOWNLOADING]
-        assert progress.count(0) == 2
+        assert progress.count(0) == 3
         assert set(progress) <= {0, 25, 50, 75}
-        assert len(progress) > 2  # intermediate progress was reported
+        assert len(progress) > 3  # intermediate progress was reported
         assert_wire_consistent(h, record)
-        assert [r[0] for r in http.requests] == ["/artifacts/os-2.0", "/artifacts/pay-3.1"]
+        assert [r[0] for r in http.requests] == [
+            "/artifacts/os-2.0",
+            "/artifacts/pay-3.1",
+            "/artifacts/cfg-2",
+        ]
 
-        assert h.terminal.versions == {"os": "2.0", "pay": "3.1"}
+        assert h.terminal.versions == {"os": "2.0", "pay": "3.1", "cfg": "2"}
         assert record.data_intact
         assert h.terminal.pending_txns == before_txns
         assert h.terminal.data_checksum == before_data
 
         hellos = h.link.of_kind(MessageKind.HELLO)
-        assert len(hellos) == 2
-        assert hellos[0].boot_id != hellos[1].boot_id
-        assert hellos[1].versions == {"os": "2.0", "pay": "3.1"}
-        assert h.link.disconnects == 1
+        assert len(hellos) == 3
+        assert len({hello.boot_id for hello in hellos}) == 3
+        assert hellos[1].versions == {"os": "2.0", "pay": "1.0", "cfg": "1"}
+        assert hellos[2].versions == {"os": "2.0", "pay": "3.1", "cfg": "1"}
+        assert h.link.disconnects == 2
 
         seen = len(h.link.published)
         await h.link.wait_for(
             lambda: any(t.endswith("/heartbeat") for t, _, _ in h.link.published[seen:])
         )
         beat = h.link.of_kind(MessageKind.HEARTBEAT)[-1]
-        assert beat.versions == {"os": "2.0", "pay": "3.1"}
+        assert beat.versions == {"os": "2.0", "pay": "3.1", "cfg": "2"}
+
+
+async def test_app_self_test_failure_rolls_back_the_app_alone(http: ArtifactServer) -> None:
+    faults = Faults(self_test_fail_versions={"pay": "3.1"})
+    async with running(make_config(faults=faults)) as h:
+        txns = h.terminal.pending_txns
+        fw, app, params = bundle(http)
+        h.update([fw, app, params])
+        record = await h.final()
+
+        assert record.final_state is S.ROLLED_BACK
+        assert record.error_code == "SELF_TEST_FAILED"
+        assert collapsed(record.states) == [
+            S.QUEUED,
+            *FETCH * 3,
+            *INSTALL_WITH_REBOOT * 2,
+            S.ROLLED_BACK,
+        ]
+        last = record.events[-1]
+        assert (last.package, last.stage, last.detail) == ("pay", "self_test", "not attempted: cfg")
+        # The firmware installed before the app stays; the app and parameters are old.
+        assert h.terminal.versions == {"os": "2.0", "pay": "1.0", "cfg": "1"}
+        assert record.versions_after == h.terminal.versions
+        assert h.terminal.pending_txns == txns
+        assert record.data_intact
+        assert_wire_consistent(h, record)
 
 
 async def test_incompatible_model_is_rejected(http: ArtifactServer) -> None:
     async with running(make_config()) as h:
-        h.publish_desired(desired([package(http, models=["OTHER"])]))
+        h.update([package(http, models=["OTHER"])])
         record = await h.final()
         assert record.states == [S.REJECTED]
         assert record.events[0].error_code == "INCOMPATIBLE_MODEL"
         assert record.events[0].stage == "check"
+        assert record.events[0].attempt == 1
         assert http.requests == []
 
 
 async def test_already_installed(http: ArtifactServer) -> None:
     async with running(make_config()) as h:
-        h.publish_desired(desired([package(http, version="1.0")]))
+        h.update([package(http, version="1.0")])
         record = await h.final()
         assert record.states == [S.ALREADY_INSTALLED]
         assert http.requests == []
@@ -437,20 +529,25 @@ async def test_already_installed(http: ArtifactServer) -> None:
 
 async def test_corrupt_download_fails_verification(http: ArtifactServer) -> None:
     async with running(make_config(faults=Faults(corrupt_rate=1.0))) as h:
-        h.publish_desired(desired([package(http)]))
+        fw, app, _ = bundle(http)
+        h.update([fw, app])
         record = await h.final()
         assert record.final_state is S.FAILED
         assert record.error_code == "HASH_MISMATCH"
-        assert record.events[-1].stage == "verify"
+        last = record.events[-1]
+        assert (last.stage, last.package) == ("verify", "os")
+        assert last.detail is not None
+        assert last.detail.endswith("; not attempted: pay")
         assert collapsed(record.states)[-2:] == [S.VERIFYING, S.FAILED]
-        assert h.terminal.versions == {"os": "1.0", "pay": "1.0"}
+        assert [r[0] for r in http.requests] == ["/artifacts/os-2.0"]
+        assert h.terminal.versions == INITIAL
         assert record.data_intact
         assert_wire_consistent(h, record)
 
 
 async def test_dropped_download_resumes_with_range(http: ArtifactServer) -> None:
     async with running(make_config(faults=Faults(download_drop_rate=1.0))) as h:
-        h.publish_desired(desired([package(http)]))
+        h.update([package(http)])
         record = await h.final()
         assert record.final_state is S.SUCCEEDED
         ranges = [r for _, r in http.requests]
@@ -465,40 +562,51 @@ async def test_download_gives_up_after_attempts(http: ArtifactServer) -> None:
     http.status = 503
     config = make_config(faults=Faults(max_download_attempts=2))
     async with running(config) as h:
-        h.publish_desired(desired([package(http)]))
+        h.update([package(http)])
         record = await h.final()
         assert record.final_state is S.FAILED
         assert record.error_code == "DOWNLOAD_FAILED"
-        assert record.events[-1].stage == "download"
+        last = record.events[-1]
+        assert (last.stage, last.package) == ("download", "os")
+        assert last.detail is not None
+        assert "not attempted" not in last.detail
         assert len(http.requests) == 2
 
 
 async def test_install_fault_rolls_back(http: ArtifactServer) -> None:
     async with running(make_config(faults=Faults(install_fail_rate=1.0))) as h:
         txns = h.terminal.pending_txns
-        h.publish_desired(desired([package(http)]))
+        h.update([package(http)])
         record = await h.final()
         assert record.final_state is S.ROLLED_BACK
         assert record.error_code == "INSTALL_FAILED"
-        assert record.events[-1].stage == "install"
+        last = record.events[-1]
+        assert (last.stage, last.package, last.detail) == ("install", "os", None)
         assert collapsed(record.states)[-3:] == [S.BACKING_UP, S.INSTALLING, S.ROLLED_BACK]
-        assert h.terminal.versions == {"os": "1.0", "pay": "1.0"}
+        assert h.terminal.versions == INITIAL
         assert h.terminal.pending_txns == txns
         assert record.data_intact
         assert_wire_consistent(h, record)
 
 
-async def test_self_test_fault_rolls_back(http: ArtifactServer) -> None:
+async def test_self_test_fault_of_a_model_fails_the_first_package(http: ArtifactServer) -> None:
     faults = Faults(self_test_fail_models=frozenset({MODEL}))
     async with running(make_config(faults=faults)) as h:
         txns = h.terminal.pending_txns
-        h.publish_desired(desired([package(http)]))
+        fw, app, _ = bundle(http)
+        h.update([app, fw])
         record = await h.final()
         assert record.final_state is S.ROLLED_BACK
         assert record.error_code == "SELF_TEST_FAILED"
-        assert record.events[-1].stage == "self_test"
-        assert collapsed(record.states) == [*HAPPY[:-1], S.ROLLED_BACK]
-        assert h.terminal.versions == {"os": "1.0", "pay": "1.0"}
+        last = record.events[-1]
+        assert (last.stage, last.package, last.detail) == ("self_test", "os", "not attempted: pay")
+        assert collapsed(record.states) == [
+            S.QUEUED,
+            *FETCH * 2,
+            *INSTALL_WITH_REBOOT,
+            S.ROLLED_BACK,
+        ]
+        assert h.terminal.versions == INITIAL
         assert record.versions_after == record.versions_before
         assert h.terminal.pending_txns == txns
         assert record.data_intact
@@ -509,12 +617,8 @@ async def test_self_test_fault_rolls_back(http: ArtifactServer) -> None:
 async def test_busy_terminal_defers_then_proceeds(http: ArtifactServer) -> None:
     async with running(make_config()) as h:
         h.terminal.set_busy(True)
-        h.publish_desired(desired([package(http)]))
-
-        def deferred() -> bool:
-            return any(e.state is S.DEFERRED for e in h.link.of_kind(MessageKind.EVENTS))
-
-        await h.link.wait_for(deferred)
+        h.update([package(http)])
+        await h.link.wait_for(functools.partial(deferred, h.link))
         assert http.requests == []
         h.terminal.set_busy(False)
         record = await h.final()
@@ -526,98 +630,283 @@ async def test_busy_terminal_defers_then_proceeds(http: ArtifactServer) -> None:
 
 
 async def test_random_busy_period_defers(http: ArtifactServer) -> None:
-    config = make_config(timing=make_config().timing.model_copy(update={"busy_probability": 1}))
-    async with running(config) as h:
-        h.publish_desired(desired([package(http)]))
+    async with running(make_config(timing=timing(busy_probability=1))) as h:
+        h.update([package(http)])
         record = await h.final()
         assert collapsed(record.states) == [S.QUEUED, S.DEFERRED, *HAPPY[1:]]
 
 
-async def test_paused_before_start_does_not_start(http: ArtifactServer) -> None:
+# -- admission: start, desired state, cancel ------------------------------------------
+
+
+async def test_desired_state_alone_never_starts(http: ArtifactServer) -> None:
+    async with running(make_config()) as h:
+        h.publish_desired(desired([package(http)]))
+        h.publish_desired(desired([package(http)], revision=2))
+        # A barrier: campaign 2 is admitted after both; once it settles, the desired
+        # states of campaign 1 have long been handled.
+        h.update([package(http, "pay", PackageKind.APP)], campaign_id=2)
+        await h.final(2)
+        assert [r.campaign_id for r in h.terminal.records()] == [2]
+        assert {e.campaign_id for e in h.events()} == {2}
+        assert h.terminal.desired[GROUP].campaign_id == 2
+
+
+async def test_start_is_held_until_its_desired_state_is_active(http: ArtifactServer) -> None:
+    async with running(make_config()) as h:
+        pkg = package(http)
+        h.start(1)  # overtook the retained desired state, which is not even there yet
+        h.publish_desired(desired([pkg], status="paused"))
+        h.update([package(http, "pay", PackageKind.APP)], campaign_id=2)  # a barrier
+        await h.final(2)
+        assert h.terminal.record(1) is None
+
+        h.publish_desired(desired([pkg], revision=2))
+        record = await h.final(1)
+        assert (record.final_state, record.attempt) == (S.SUCCEEDED, 1)
+        assert_wire_consistent(h, record)
+
+
+async def test_paused_after_admission_waits_for_resume(http: ArtifactServer) -> None:
     async with running(make_config()) as h:
         pkg = package(http)
         # Campaign 1 holds the worker (busy) while campaign 2 is queued, then paused.
         h.terminal.set_busy(True)
-        h.publish_desired(desired([pkg], campaign_id=1))
-        await h.link.wait_for(lambda: h.terminal.record(1) is not None)
-        h.link.deliver(protocol.desired_topic(GROUP), desired([pkg], campaign_id=2))
-        h.link.deliver(
-            protocol.desired_topic(GROUP),
-            desired([pkg], campaign_id=2, revision=2, status="paused"),
-        )
+        h.update([pkg], campaign_id=1)
+        await h.link.wait_for(functools.partial(deferred, h.link))
+        h.update([pkg], campaign_id=2)
+        h.publish_desired(desired([pkg], campaign_id=2, revision=2, status="paused"))
         h.terminal.set_busy(False)
         first = await h.final(1)
         assert first.final_state is S.SUCCEEDED
 
-        # Campaign 3 is a barrier: once it settles, campaign 2 would have started.
-        h.link.deliver(
-            protocol.desired_topic(GROUP), desired([package(http, version="3.0")], campaign_id=3)
-        )
+        h.update([package(http, version="3.0")], campaign_id=3)  # a barrier
         await h.final(3)
         assert h.terminal.record(2) is None
-        assert {e.campaign_id for e in h.link.of_kind(MessageKind.EVENTS)} == {1, 3}
+        assert {e.campaign_id for e in h.events()} == {1, 3}
 
-        # Resumed: a later active revision lets it start (already on 3.0 by now).
-        h.link.deliver(protocol.desired_topic(GROUP), desired([pkg], campaign_id=2, revision=3))
+        # Resumed: a later active revision lets the admitted attempt start.
+        h.publish_desired(desired([pkg], campaign_id=2, revision=3))
         resumed = await h.final(2)
-        assert resumed.final_state is S.SUCCEEDED
+        assert (resumed.final_state, resumed.attempt) == (S.SUCCEEDED, 1)
+        assert h.terminal.versions["os"] == "2.0"
 
 
-async def test_bucket_outside_range_does_nothing(http: ArtifactServer) -> None:
-    async with running(make_config()) as h:
-        bucket = protocol.bucket_of(h.tid)
-        outside = (
-            BucketRange(lo=bucket + 1, hi=protocol.BUCKETS)
-            if bucket < 9999
-            else (BucketRange(lo=0, hi=bucket))
+async def test_repeated_start_repeats_the_final_state(http: ArtifactServer) -> None:
+    async with running(make_config(faults=Faults(install_fail_rate=1.0))) as h:
+        fw, app, _ = bundle(http)
+        h.terminal.set_busy(True)
+        h.update([fw, app])
+        await h.link.wait_for(functools.partial(deferred, h.link))
+        h.start(1, 1)  # the running attempt: it will report by itself
+        h.start(1, 2)  # a newer attempt while one runs: ignored too
+        h.terminal.set_busy(False)
+        record = await h.final()
+        assert record.final_state is S.ROLLED_BACK
+
+        # The controller missed the report and asks again.
+        reported = h.events()
+        h.start(1, 1)
+        await h.link.wait_for(lambda: len(h.events()) == len(reported) + 1)
+        original, repeat = reported[-1], h.events()[-1]
+        assert repeat.state is S.ROLLED_BACK
+        assert (repeat.attempt, repeat.package, repeat.stage, repeat.error_code) == (
+            1,
+            "os",
+            "install",
+            "INSTALL_FAILED",
         )
-        h.publish_desired(desired([package(http)], campaign_id=1, buckets=outside))
-        h.link.deliver(
-            protocol.desired_topic(GROUP), desired([package(http, "pay", PackageKind.APP)], 2)
-        )
+        assert repeat.detail == original.detail == "not attempted: pay"
+        assert repeat.msg_id != original.msg_id
+        assert repeat.seq == original.seq + 1
+        assert [_fields(e) for e in record.resent] == [_fields(repeat)]
+        assert record.states.count(S.ROLLED_BACK) == 1
+
+        h.update([package(http, "pay", PackageKind.APP)], campaign_id=2)  # a barrier
         await h.final(2)
-        assert h.terminal.record(1) is None
-        assert {e.campaign_id for e in h.link.of_kind(MessageKind.EVENTS)} == {2}
-
-        # The next revision widens the wave to include the terminal.
-        h.publish_desired(desired([package(http)], campaign_id=1, revision=2))
-        assert (await h.final(1)).final_state is S.SUCCEEDED
+        assert [r.attempt for r in h.terminal.records() if r.campaign_id == 1] == [1]
+        assert_wire_consistent(h, record)
 
 
-async def test_duplicate_desired_is_handled_once(http: ArtifactServer) -> None:
+async def test_postponed_attempt_then_forced_start_completes(http: ArtifactServer) -> None:
+    async with running(make_config(timing=timing(postpone_probability=1.0))) as h:
+        h.publish_desired(desired([package(http)]))
+        h.start(1, 1, may_postpone=True)
+        first = await h.sim.wait_terminal_settled(h.tid, 1, timeout_s=WAIT)
+        assert first.postponed
+        assert first.final_state is None
+        assert first.states == [S.QUEUED, S.DEFERRED]
+        assert first.events[-1].stage == "postponed"
+        assert http.requests == []
+        with pytest.raises(TimeoutError):
+            await h.sim.wait_final(1, timeout_s=0)
+
+        h.start(1, 1, may_postpone=True)  # no final state to repeat: ignored
+        h.start(1, 2, may_postpone=False)  # a forced update cannot be postponed
+        second = await h.final(1, attempt=2)
+        assert second.final_state is S.SUCCEEDED
+        assert second.states[0] is S.QUEUED
+        assert collapsed(second.states) == HAPPY
+        assert {e.attempt for e in second.events} == {2}
+        assert [r.attempt for r in h.terminal.records()] == [1, 2]
+        assert await h.sim.wait_final(1, timeout_s=WAIT) == [second]
+        assert_wire_consistent(h, first, second)
+
+        campaign = h.sim.report()["campaigns"]["1"]
+        assert (campaign["attempts"], campaign["postponed"]) == (2, 1)
+        assert campaign["final"] == {"succeeded": 1}
+
+
+def cancel_on(h: Harness, state: ExecState) -> list[bool]:
+    """Send a cancel when the terminal reports `state`; note whether it was still pending."""
+    pending_then: list[bool] = []
+
+    def hook(topic: str, payload: bytes) -> None:
+        if not topic.endswith("/events"):
+            return
+        if event_state(payload) == state.value and not pending_then:
+            h.command(CommandKind.CANCEL, campaign_id=1)
+            pending_then.append(False)
+        elif pending_then and not pending_then[-1]:
+            # The next event: by now the terminal has read the cancel.
+            pending_then.append(h.terminal._cancel_requested)
+
+    h.link.on_publish = hook
+    return pending_then
+
+
+async def test_cancel_while_downloading_abandons_with_canceled(http: ArtifactServer) -> None:
     async with running(make_config()) as h:
-        payload = desired([package(http)])
-        h.publish_desired(payload)
-        h.publish_desired(payload)
-        await h.final()
-        h.link.deliver(protocol.desired_topic(GROUP), desired([package(http, "pay")], 2))
-        await h.final(2)
-        assert [r.campaign_id for r in h.terminal.records()] == [1, 2]
+        fw, app, _ = bundle(http)
+        cancel_on(h, S.DOWNLOADING)
+        h.update([fw, app])
+        record = await h.final()
+        assert record.final_state is S.CANCELED
+        assert record.abandoned
+        last = record.events[-1]
+        assert (last.stage, last.attempt, last.package) == ("downloading", 1, None)
+        assert S.BACKING_UP not in record.states
+        assert h.terminal.versions == INITIAL
+        assert record.data_intact
+        assert_wire_consistent(h, record)
 
 
-# -- commands -----------------------------------------------------------------------
+async def test_cancel_during_install_is_ignored(http: ArtifactServer) -> None:
+    async with running(make_config()) as h:
+        seen = cancel_on(h, S.INSTALLING)
+        h.update([package(http)])
+        record = await h.final()
+        assert seen[:2] == [False, True]  # the cancel arrived while installing
+        assert record.final_state is S.SUCCEEDED
+        assert not record.abandoned
+        assert h.terminal.versions["os"] == "2.0"
+        assert_wire_consistent(h, record)
 
 
-async def test_cancel_before_start_and_retry(http: ArtifactServer) -> None:
+async def test_cancel_while_deferred_then_a_later_start(http: ArtifactServer) -> None:
     async with running(make_config(faults=Faults(install_fail_rate=1.0))) as h:
         h.terminal.set_busy(True)
-        h.publish_desired(desired([package(http)], campaign_id=1))
-        await h.link.wait_for(
-            lambda: any(e.state is S.DEFERRED for e in h.link.of_kind(MessageKind.EVENTS))
-        )
+        h.update([package(http)])
+        await h.link.wait_for(functools.partial(deferred, h.link))
         h.command(CommandKind.CANCEL, campaign_id=1)
         record = await h.final(1)
         assert record.abandoned
-        assert record.final_state is None
-        assert record.states == [S.QUEUED, S.DEFERRED]
+        assert record.states == [S.QUEUED, S.DEFERRED, S.CANCELED]
+        assert record.events[-1].stage == "deferred"
         h.terminal.set_busy(False)
 
-        h.command(CommandKind.RETRY, campaign_id=1)
-        await h.link.wait_for(lambda: len(h.terminal.records()) == 2)
-        retried = await h.final(1)
-        assert retried.attempt == 2
+        h.start(1, 2)
+        retried = await h.final(1, attempt=2)
         assert retried.final_state is S.ROLLED_BACK
         assert retried.events[0].seq == record.events[-1].seq + 1
+        assert_wire_consistent(h, record, retried)
+
+
+async def test_cancel_drops_a_held_start(http: ArtifactServer) -> None:
+    async with running(make_config()) as h:
+        h.start(1)  # held: no desired state yet
+        h.command(CommandKind.CANCEL, campaign_id=1)
+        h.publish_desired(desired([package(http)]))
+        h.update([package(http, "pay", PackageKind.APP)], campaign_id=2)  # a barrier
+        await h.final(2)
+        assert h.terminal.record(1) is None
+        assert {e.campaign_id for e in h.events()} == {2}
+
+
+# -- misbehaving releases and health --------------------------------------------------
+
+
+async def test_bricked_release_never_comes_back(http: ArtifactServer) -> None:
+    config = make_config(count=2, faults=Faults(bricked_versions={"os": "2.0"}))
+    async with running(config) as h:
+        bricked, healthy = h.sim.terminals.values()
+        link, other = h.links[bricked.tid], h.links[healthy.tid]
+        h.publish_desired(desired([package(http)]))
+        h.start(1, tid=bricked.tid)
+        await h.sim.wait_for(lambda: bricked.bricked, timeout_s=WAIT)
+        record = bricked.record(1)
+        assert record is not None
+        assert record.bricked
+        assert not record.settled
+        assert record.states[-1] is S.REBOOTING
+        published = len(link.published)
+        assert not link.of_kind(MessageKind.PRESENCE)[-1].online
+
+        # Time passes (the healthy terminal beats on) and the bricked one stays silent,
+        # even when told to reboot.
+        h.command(CommandKind.REBOOT, tid=bricked.tid)
+        beats = len(other.of_kind(MessageKind.HEARTBEAT))
+        await other.wait_for(lambda: len(other.of_kind(MessageKind.HEARTBEAT)) >= beats + 5)
+        assert len(link.published) == published
+    assert len(link.published) == published
+    assert link.connects == 1
+    assert len(link.of_kind(MessageKind.HELLO)) == 1
+    report = h.sim.report()
+    assert report["bricked"] == 1
+    assert report["campaigns"]["1"]["in_progress"] == 1
+    assert report["integrity"]["ok"], report["integrity"]
+
+
+async def test_heartbeat_error_rate_baseline_and_degraded(http: ArtifactServer) -> None:
+    faults = Faults(degraded_versions={"os": "2.0"}, txn_error_rate=0.02, degraded_error_rate=0.4)
+    # Heartbeats only at boot: the periodic ones are an hour apart.
+    async with running(make_config(faults=faults, timing=timing(heartbeat_s=3600))) as h:
+        rate = protocol.HEALTH_TXN_ERROR_RATE
+        h.update([package(http)])
+        await h.final()
+        h.update([package(http, version="3.0")], campaign_id=2)
+        await h.final(2)
+        beats = h.link.of_kind(MessageKind.HEARTBEAT)
+        assert [(b.versions["os"], b.health[rate]) for b in beats] == [
+            ("1.0", 0.02),
+            ("2.0", 0.4),
+            ("3.0", 0.02),
+        ]
+        assert h.terminal.heartbeat().health[rate] == 0.02
+
+
+async def test_boot_heartbeat_after_every_boot(http: ArtifactServer) -> None:
+    async with running(make_config(timing=timing(heartbeat_s=3600))) as h:
+        h.command(CommandKind.REBOOT)
+        await h.link.wait_for(lambda: len(h.link.of_kind(MessageKind.HEARTBEAT)) == 2)
+        kinds = [topic.rsplit("/", 1)[1] for topic, _, _ in h.link.published]
+        assert kinds == [
+            "hello",
+            "presence",
+            "heartbeat",
+            "presence",
+            "hello",
+            "presence",
+            "heartbeat",
+        ]
+        hellos = h.link.of_kind(MessageKind.HELLO)
+        beats = h.link.of_kind(MessageKind.HEARTBEAT)
+        assert [b.health["boots"] for b in beats] == [1, 2]
+        assert hellos[1].boot_id == h.terminal.boot_id
+        assert h.terminal.heartbeats_sent == 2
+
+
+# -- commands -----------------------------------------------------------------------
 
 
 async def test_groups_command_resubscribes(http: ArtifactServer) -> None:
@@ -655,7 +944,7 @@ async def test_resume_after_drop_announces_with_hello(http: ArtifactServer) -> N
         assert protocol.terminal_topic(h.tid, MessageKind.CMD) in h.link.subscriptions
 
         # Still working: an update goes all the way through.
-        h.publish_desired(desired([package(http)]))
+        h.update([package(http)])
         assert (await h.final()).final_state is S.SUCCEEDED
 
 
@@ -674,7 +963,7 @@ async def test_resume_and_reboot_never_connect_at_once(http: ArtifactServer) -> 
         await h.link.wait_for(lambda: h.link.connect_attempts >= 3 and not h.link.connecting)
         assert h.link.max_connecting == 1
         await h.link.wait_for(lambda: len(h.link.of_kind(MessageKind.HELLO)) >= 3)
-        h.publish_desired(desired([package(http)]))
+        h.update([package(http)])
         assert (await h.final()).final_state is S.SUCCEEDED
 
 
@@ -693,7 +982,7 @@ async def test_shutdown_is_prompt_mid_update_and_mid_reconnect(
         updating, reconnecting = h.sim.terminals.values()
         for terminal in (updating, reconnecting):
             terminal.set_busy(True)
-        h.publish_desired(desired([package(http)]))
+        h.update([package(http)])
         for terminal in (updating, reconnecting):
             await h.links[terminal.tid].wait_for(functools.partial(deferred, h.links[terminal.tid]))
         link = h.links[reconnecting.tid]
@@ -745,11 +1034,10 @@ async def test_wait_desired_sees_what_every_terminal_heard(http: ArtifactServer)
         await h.sim.wait_desired(
             lambda d: d.campaign_id == 1 and d.revision == 3, count=3, timeout_s=WAIT
         )
-        barrier = desired([package(http, "pay", PackageKind.APP)], campaign_id=2)
-        h.publish_desired(barrier)
+        for tid in h.sim.terminals:
+            h.start(1, tid=tid)  # would run if the stale "active" had been taken
+        h.update([package(http, "pay", PackageKind.APP)], campaign_id=2)  # a barrier
         await h.sim.wait_desired((2, "active"), timeout_s=WAIT)
-        h.publish_desired(desired([pkg], revision=2, status="active"))
-        h.publish_desired(barrier)
         await h.sim.wait_final(2, 3, timeout_s=WAIT)
         assert all(t.record(1) is None for t in h.sim.terminals.values())
 
@@ -770,16 +1058,20 @@ async def test_simulator_many_terminals_and_report(http: ArtifactServer) -> None
     async with running(make_config(count=30, connect_concurrency=4, faults=faults)) as h:
         assert h.sim.connected_count == 30
         assert len({t.model for t in h.sim.terminals.values()}) == 1
-        h.publish_desired(desired([package(http, size=20_000)]))
+        h.update([package(http, size=20_000)])
         records = await h.sim.wait_final(1, 30, timeout_s=WAIT)
         assert len(records) == 30
+        assert await h.sim.wait_final(1, timeout_s=WAIT) == records
         report = h.sim.report()
     assert report["integrity"]["ok"], report["integrity"]
     assert report["integrity"]["checked"] == 30
-    finals = report["campaigns"]["1"]["final"]
+    assert report["bricked"] == 0
+    campaign = report["campaigns"]["1"]
+    finals = campaign["final"]
     assert sum(finals.values()) == 30
     assert set(finals) <= {"succeeded", "rolled_back", "failed"}
-    assert report["campaigns"]["1"]["duration_s"]["p50"] > 0
+    assert (campaign["attempts"], campaign["postponed"], campaign["in_progress"]) == (30, 0, 0)
+    assert campaign["duration_s"]["p50"] > 0
     json.dumps(report)
 
 
@@ -882,16 +1174,36 @@ async def test_aiomqtt_link_against_real_broker(broker: Any, http: ArtifactServe
             try:
                 await sim.wait_connected(timeout_s=WAIT)
                 assert len(await sim.wait_desired((1, "active"), timeout_s=WAIT)) == 3
+                for tid in config.terminal_ids():
+                    ts = protocol.now()
+                    start = Command(
+                        msg_id=protocol.new_message_id(),
+                        tid=tid,
+                        kind=CommandKind.START,
+                        issued_at=ts,
+                        expires_at=ts + 60,
+                        campaign_id=1,
+                        attempt=1,
+                        may_postpone=False,
+                    )
+                    topic = protocol.terminal_topic(tid, MessageKind.CMD)
+                    await controller.publish(topic, start.to_bytes(), qos=1)
                 records = await sim.wait_final(1, 3, timeout_s=WAIT)
             finally:
                 stop.set()
         assert {r.final_state for r in records} == {S.SUCCEEDED}
+        for terminal in sim.terminals.values():
+            link = terminal._link
+            assert isinstance(link, AiomqttLink)
+            assert link._client is None  # powered off with a clean DISCONNECT
         expected = {(r.tid, e.msg_id) for r in records for e in r.events}
 
         got: set[tuple[str, str]] = set()
         kinds: set[MessageKind] = set()
         async with asyncio.timeout(WAIT):
             async for message in controller.messages:
+                if str(message.topic).endswith("/cmd"):
+                    continue  # our own start commands
                 decoded = protocol.decode(str(message.topic), bytes(message.payload))
                 kinds.add(protocol.parse_terminal_topic(str(message.topic))[1])
                 if isinstance(decoded, protocol.StateEvent):
