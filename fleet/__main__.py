@@ -13,13 +13,19 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from fleet import campaigns, controller, inventory
+from pydantic import ValidationError
+
+from fleet import audit, campaigns, controller, inventory
 from fleet.artifacts import ArtifactStore
 from fleet.broker_admin import BrokerAdmin
+from fleet.clock import SystemClock
 from fleet.db import connect, migrate
 from fleet.db.repository import Repository
 from fleet.errors import FleetError
+from fleet.planning import plan_campaign
+from fleet.policy import CampaignPolicy, TargetFilter
 from fleet.progress import render_status
 from fleet.protocol import PackageKind
 from fleet.settings import FleetSettings
@@ -72,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--kind", choices=[k.value for k in PackageKind], required=True)
     add.add_argument("--version", required=True)
     add.add_argument("--models", required=True, help="comma-separated compatible models")
+    add.add_argument(
+        "--from-version",
+        action="append",
+        default=[],
+        help="a version this package upgrades from (repeatable; default: any)",
+    )
+    add.add_argument(
+        "--requires",
+        action="append",
+        default=[],
+        help="name=version: that package at least at that version (repeatable)",
+    )
 
     group = sub.add_parser("group", help="terminal groups").add_subparsers(
         dest="action", required=True
@@ -84,22 +102,140 @@ def build_parser() -> argparse.ArgumentParser:
     campaign = sub.add_parser("campaign", help="campaigns").add_subparsers(
         dest="action", required=True
     )
-    create = campaign.add_parser("create")
+    create = campaign.add_parser(
+        "create", help="create a draft campaign (see docs/operations.md for every rule)"
+    )
     create.add_argument("name")
     create.add_argument("--group", action="append", required=True, help="repeatable")
     create.add_argument(
         "--package", action="append", required=True, help="name=version, repeatable"
     )
-    create.add_argument("--waves", default="10,50,100", help="cumulative percentages")
-    create.add_argument("--success-threshold", type=float, default=0.9)
-    create.add_argument("--failure-threshold", type=float, default=0.1)
-    for action in ("start", "pause", "resume", "cancel"):
-        campaign.add_parser(action).add_argument("campaign", help="id or name")
+    _policy_arguments(create)
+    _filter_arguments(create)
+    for action in ("start", "pause", "resume", "cancel", "plan", "audit"):
+        sub_action = campaign.add_parser(action)
+        sub_action.add_argument("campaign", help="id or name")
+        if action == "plan":
+            sub_action.add_argument("--json", action="store_true")
+    exclude = campaign.add_parser("exclude-model", help="take a terminal model out")
+    exclude.add_argument("campaign", help="id or name")
+    exclude.add_argument("model")
+    rollback = campaign.add_parser(
+        "rollback", help="create a draft campaign taking a campaign's terminals back"
+    )
+    rollback.add_argument("campaign", help="id or name of the campaign to undo")
+    rollback.add_argument("--name", required=True)
+    rollback.add_argument(
+        "--to", action="append", default=[], help="name=version where terminals ran several"
+    )
     status = campaign.add_parser("status")
     status.add_argument("campaign", help="id or name")
     status.add_argument("--watch", action="store_true", help="redraw until it ends")
     status.add_argument("--json", action="store_true")
+
+    audit_cmd = sub.add_parser("audit", help="the hash-chained audit log").add_subparsers(
+        dest="action", required=True
+    )
+    audit_cmd.add_parser("verify", help="recompute the whole chain; exit 1 if it is broken")
     return parser
+
+
+def _policy_arguments(create: argparse.ArgumentParser) -> None:
+    policy = create.add_argument_group("rollout rules (override --policy)")
+    policy.add_argument("--policy", type=Path, help="a JSON file of fleet.policy.CampaignPolicy")
+    policy.add_argument("--waves", help="cumulative percentages, e.g. 10,50,100")
+    policy.add_argument("--wave-counts", help="cumulative terminal counts, e.g. 50,500,5000")
+    policy.add_argument("--soak", type=float, help="seconds each wave soaks before the next")
+    policy.add_argument("--success-threshold", type=float)
+    policy.add_argument("--failure-threshold", type=float, help="share of one wave")
+    policy.add_argument("--cumulative-threshold", type=float, help="share of the campaign")
+    policy.add_argument("--on-threshold", choices=["pause", "abort"])
+    policy.add_argument("--window", help="local maintenance window, e.g. 22:00-06:00")
+    policy.add_argument("--any-time", action="store_true", help="no maintenance window")
+    policy.add_argument("--forced", action="store_true", help="merchants may not postpone")
+    policy.add_argument("--max-postpones", type=int)
+    policy.add_argument("--rate", type=int, help="terminals started per minute")
+    policy.add_argument("--max-downloads", type=int, help="concurrent downloads")
+    policy.add_argument("--no-health-gate", action="store_true")
+    policy.add_argument("--deadline", action="append", default=[], help="phase=seconds")
+    policy.add_argument("--retries", action="append", default=[], help="class=count")
+    policy.add_argument("--expected-duration", type=float, help="seconds, for the ETA")
+
+
+def _filter_arguments(create: argparse.ArgumentParser) -> None:
+    target = create.add_argument_group("target filter (all given must match)")
+    target.add_argument("--model", action="append", help="repeatable")
+    target.add_argument("--merchant", action="append", help="repeatable")
+    target.add_argument("--region", action="append", help="repeatable")
+    target.add_argument("--current", action="append", default=[], help="name=version")
+    target.add_argument("--attribute", action="append", default=[], help="key=value")
+
+
+def _pairs(values: list[str], what: str) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key or not rest:
+            raise FleetError(f"{what} {value!r} is not key=value")
+        pairs.append((key, rest))
+    return pairs
+
+
+def policy_from_args(args: argparse.Namespace) -> CampaignPolicy:
+    """The campaign policy: the --policy file (or defaults), then each flag given."""
+    raw: dict[str, Any] = json.loads(args.policy.read_text()) if args.policy else {}
+    if args.waves:
+        soak = args.soak or 0.0
+        raw["waves"] = [{"percent": float(p), "soak_s": soak} for p in args.waves.split(",")]
+    elif args.wave_counts:
+        soak = args.soak or 0.0
+        raw["waves"] = [{"count": int(c), "soak_s": soak} for c in args.wave_counts.split(",")]
+    simple = {
+        "success_threshold": args.success_threshold,
+        "failure_threshold": args.failure_threshold,
+        "cumulative_failure_threshold": args.cumulative_threshold,
+        "threshold_action": args.on_threshold,
+        "max_postpones": 0 if args.forced else args.max_postpones,
+        "rate_per_min": args.rate,
+        "max_concurrent_downloads": args.max_downloads,
+        "expected_duration_s": args.expected_duration,
+    }
+    raw |= {k: v for k, v in simple.items() if v is not None}
+    if args.any_time:
+        raw["window"] = None
+    elif args.window:
+        start, _, end = args.window.partition("-")
+        raw["window"] = {"start": start, "end": end}
+    if args.no_health_gate:
+        raw["health_gate"] = {"enabled": False}
+    for phase, seconds in _pairs(args.deadline, "deadline"):
+        raw.setdefault("deadlines", {})[f"{phase}_s"] = float(seconds)
+    for failure_class, count in _pairs(args.retries, "retries"):
+        raw.setdefault("retries", {})[failure_class] = int(count)
+    try:
+        return CampaignPolicy.model_validate(raw)
+    except ValidationError as exc:
+        raise FleetError(f"bad campaign rules: {exc}") from None
+
+
+def target_from_args(args: argparse.Namespace) -> TargetFilter:
+    """The target filter from the command line."""
+    versions: dict[str, list[str]] = {}
+    for name, version in _pairs(args.current, "current"):
+        versions.setdefault(name, []).append(version)
+    attributes: dict[str, list[str]] = {}
+    for key, value in _pairs(args.attribute, "attribute"):
+        attributes.setdefault(key, []).append(value)
+    try:
+        return TargetFilter(
+            models=args.model,
+            merchants=args.merchant,
+            regions=args.region,
+            versions=versions or None,
+            attributes=attributes or None,
+        )
+    except ValidationError as exc:
+        raise FleetError(f"bad target filter: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -155,6 +291,8 @@ async def _run(args: argparse.Namespace, settings: FleetSettings) -> int:  # noq
             return await _with_repo(settings, lambda repo: _group(repo, settings, args))
         case "campaign":
             return await _with_repo(settings, lambda repo: _campaign(repo, args))
+        case "audit":
+            return await _with_repo(settings, _verify_audit)
     return 2
 
 
@@ -183,6 +321,8 @@ async def _add_package(repo: Repository, settings: FleetSettings, args: argparse
         kind=PackageKind(args.kind),
         version=args.version,
         models=[m for m in args.models.split(",") if m],
+        from_versions=args.from_version,
+        requires=dict(_pairs(args.requires, "requires")),
     )
     print(f"package {args.name}={args.version} registered as {package_id}")
     return 0
@@ -202,39 +342,71 @@ async def _group(repo: Repository, settings: FleetSettings, args: argparse.Names
 
 
 async def _campaign(repo: Repository, args: argparse.Namespace) -> int:
+    clock = SystemClock()
     if args.action == "create":
-        packages = []
-        for spec in args.package:
-            name, _, version = spec.partition("=")
-            packages.append((name, version))
         campaign_id = await campaigns.create_campaign(
             repo,
+            clock,
             name=args.name,
             groups=args.group,
-            packages=packages,
-            waves=[float(w) for w in args.waves.split(",")],
-            success_threshold=args.success_threshold,
-            failure_threshold=args.failure_threshold,
+            packages=_pairs(args.package, "package"),
+            policy=policy_from_args(args),
+            target=target_from_args(args),
         )
         print(f"campaign {args.name} created as {campaign_id} (draft)")
         return 0
     campaign_id = await _campaign_id(repo, args.campaign)
     match args.action:
         case "start":
-            count = await campaigns.start_campaign(repo, campaign_id)
-            print(f"campaign {campaign_id} started with {count} executions")
+            enrolled = await campaigns.start_campaign(repo, clock, campaign_id)
+            print(
+                f"campaign {campaign_id} started with {enrolled.added} executions; "
+                f"excluded: {enrolled.excluded or 'none'}; "
+                f"awaiting inventory: {enrolled.awaiting_inventory}"
+            )
         case "pause":
-            await campaigns.pause_campaign(repo, campaign_id)
+            await campaigns.pause_campaign(repo, clock, campaign_id)
             print(f"campaign {campaign_id} paused")
         case "resume":
-            await campaigns.resume_campaign(repo, campaign_id)
+            await campaigns.resume_campaign(repo, clock, campaign_id)
             print(f"campaign {campaign_id} resumed")
         case "cancel":
-            await campaigns.cancel_campaign(repo, campaign_id)
+            await campaigns.cancel_campaign(repo, clock, campaign_id)
             print(f"campaign {campaign_id} canceled")
+        case "exclude-model":
+            removed = await campaigns.exclude_model(repo, clock, campaign_id, args.model)
+            print(f"model {args.model} excluded; {removed} executions left the campaign")
+        case "rollback":
+            rollback_id = await campaigns.create_rollback(
+                repo, clock, campaign_id, name=args.name, versions=dict(_pairs(args.to, "to"))
+            )
+            print(f"rollback campaign {args.name} created as {rollback_id} (draft)")
+        case "plan":
+            plan = await plan_campaign(repo, clock, campaign_id)
+            print(json.dumps(plan.as_dict(), indent=None if args.json else 2))
+        case "audit":
+            async with repo.connection() as q:
+                for row in await q.campaign_audit(campaign_id):
+                    print(
+                        f"{row['at'].isoformat()} {row['action']:<20} {row['detail']}",
+                        flush=True,
+                    )
         case "status":
             await _status(repo, campaign_id, watch=args.watch, as_json=args.json)
     return 0
+
+
+async def _verify_audit(repo: Repository) -> int:
+    verdict = await audit.verify(repo)
+    if verdict.intact:
+        print(f"audit chain intact: {verdict.entries} entries, head {verdict.head_hash}")
+        return 0
+    print(
+        f"audit chain BROKEN at entry {verdict.broken_at}: {verdict.problem} "
+        f"({verdict.entries} entries verified before it)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 async def _status(repo: Repository, campaign_id: int, *, watch: bool, as_json: bool) -> None:
@@ -249,6 +421,7 @@ async def _status(repo: Repository, campaign_id: int, *, watch: bool, as_json: b
                         "status": status.status,
                         "current_wave": status.current_wave,
                         "paused_reason": status.paused_reason,
+                        "excluded": status.excluded,
                         "waves": [
                             {"wave": w.wave, "opened": w.opened, "counts": w.counts}
                             for w in status.waves
@@ -262,7 +435,7 @@ async def _status(repo: Repository, campaign_id: int, *, watch: bool, as_json: b
             if watch and sys.stdout.isatty():
                 print("\x1b[H\x1b[2J", end="")
             print(text, flush=True)
-        if not watch or status.status in ("completed", "canceled", "paused"):
+        if not watch or status.status in ("completed", "canceled", "aborted", "paused"):
             return
         await asyncio.sleep(1.0)
 

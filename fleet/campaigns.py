@@ -1,90 +1,63 @@
-"""Campaigns: operator requests, the runner that widens waves or pauses, and status.
+"""Campaigns: operator requests, enrollment of terminals, and derived status.
 
-Operators (CLI, tests) only change rows and bump the campaign's desired revision; the
-runner publishes a group's retained desired state whenever the revision it last published
-differs from the database's, so a restarted controller re-publishes everything once and then
-carries on from the database.
+Operators (CLI, tests) change rows and bump the campaign's desired revision; the runner
+(fleet/runner.py) does everything that happens on its own. Every request here appends to
+the audit log in the same transaction as the change it records.
 """
 
-import asyncio
 import itertools
-import logging
+import json
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
-from fleet import metrics
-from fleet.db.repository import LiveCampaign, Queries, Repository, WaveRow
-from fleet.errors import CampaignError, DatabaseUnavailableError, NotFoundError
-from fleet.protocol import (
-    BUCKETS,
-    KIND_ORDER,
-    MAX_PACKAGES,
-    BucketRange,
-    Command,
-    CommandKind,
-    DesiredState,
-    MessageKind,
-    PackageKind,
-    PackageRef,
-    desired_topic,
-    new_message_id,
-    now,
-    terminal_topic,
-)
-from fleet.settings import FleetSettings
+from fleet import audit
+from fleet.clock import Clock, as_datetime
+from fleet.db.repository import Queries, Repository, WaveRow
+from fleet.errors import CampaignError, NotFoundError
+from fleet.policy import CampaignPolicy, TargetFilter
+from fleet.protocol import BUCKETS, KIND_ORDER, MAX_PACKAGES, PackageKind, bucket_of
 from fleet.states import FAILURE, FINAL, SUCCESS, ExecState
+from fleet.targeting import Package, Terminal, exclusion
 
-logger = logging.getLogger(__name__)
-
-
-class Publisher(Protocol):
-    """Where the controller's MQTT publishes go (the session, or a fake in unit tests)."""
-
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        expiry_s: int | None = None,
-    ) -> None:
-        """Publish one message and wait until the broker has it."""
-
+OPERATOR = "operator"
 
 # -- operator requests ------------------------------------------------------------------
 
 
-def wave_bucket_limits(percentages: Sequence[float]) -> list[int]:
-    """Turn cumulative wave percentages (e.g. 10, 50, 100) into bucket upper bounds."""
-    if not percentages:
-        raise CampaignError("bad_waves", "a campaign needs at least one wave")
-    limits = [round(p * BUCKETS / 100) for p in percentages]
-    if any(b <= a for a, b in itertools.pairwise(limits)) or limits[0] < 1:
-        raise CampaignError("bad_waves", "wave percentages must increase and start above 0")
-    if limits[-1] != BUCKETS:
-        raise CampaignError("bad_waves", "the last wave must reach 100%")
+def percent_bucket_limits(policy: CampaignPolicy) -> list[int]:
+    """Upper bucket bound of each wave; waves by count get theirs at start."""
+    if policy.waves[0].percent is None:
+        return [BUCKETS] * len(policy.waves)
+    limits = [round((w.percent or 0) * BUCKETS / 100) for w in policy.waves]
+    if limits[0] < 1 or any(b <= a for a, b in itertools.pairwise(limits)):
+        raise CampaignError("bad_waves", "waves must be at least 0.01% apart")
     return limits
 
 
 async def create_campaign(
     repo: Repository,
+    clock: Clock,
     *,
     name: str,
     groups: Sequence[str],
     packages: Sequence[tuple[str, str]],
-    waves: Sequence[float],
-    success_threshold: float,
-    failure_threshold: float,
+    policy: CampaignPolicy,
+    target: TargetFilter | None = None,
+    rollback_of: int | None = None,
+    actor: str = OPERATOR,
 ) -> int:
-    """Create a draft campaign over groups, with (name, version) packages and waves in %."""
-    limits = wave_bucket_limits(waves)
+    """Create a draft campaign over groups, with (name, version) packages."""
+    limits = percent_bucket_limits(policy)
+    if not groups:
+        raise CampaignError("bad_groups", "a campaign targets at least one group")
     if not 1 <= len(packages) <= MAX_PACKAGES:
         raise CampaignError("bad_packages", f"a campaign has 1 to {MAX_PACKAGES} packages")
-    if not 0 < failure_threshold <= 1 or not 0 < success_threshold <= 1:
-        raise CampaignError("bad_threshold", "thresholds are fractions in (0, 1]")
+    if len({n for n, _ in packages}) != len(packages):
+        raise CampaignError("bad_packages", "a bundle holds one version of each package")
+    target = target or TargetFilter()
     async with repo.transaction() as q:
         package_rows = []
         for package_name, version in packages:
@@ -98,29 +71,116 @@ async def create_campaign(
             groups=groups,
             package_ids=[r["id"] for r in package_rows],
             wave_bucket_his=limits,
-            success_threshold=success_threshold,
-            failure_threshold=failure_threshold,
+            wave_soaks=[w.soak_s for w in policy.waves],
+            success_threshold=policy.success_threshold,
+            failure_threshold=policy.failure_threshold,
+            policy=policy.model_dump_json(),
+            target=target.model_dump_json(exclude_defaults=True),
+            rollback_of=rollback_of,
         )
-        await q.log_campaign(
-            campaign_id,
-            "operator",
-            "created",
-            {"groups": list(groups), "waves": list(waves), "packages": [list(p) for p in packages]},
+        await audit.append(
+            q,
+            at=clock.now(),
+            actor=actor,
+            action="campaign_created",
+            campaign_id=campaign_id,
+            detail={
+                "name": name,
+                "groups": list(groups),
+                "packages": [f"{r['name']}={r['version']}" for r in package_rows],
+                "policy": policy.model_dump(mode="json"),
+                "target": target.model_dump(mode="json", exclude_defaults=True),
+                "rollback_of": rollback_of,
+            },
         )
     return campaign_id
 
 
-_DESIRED_STATUS: dict[str, Literal["active", "paused", "canceled"]] = {
-    "running": "active",
-    "paused": "paused",
-    "canceled": "canceled",
-}
+@dataclass(frozen=True)
+class Enrollment:
+    """Terminals a targeting pass added and left out."""
+
+    added: int
+    excluded: dict[str, int]
+    #: Members whose inventory is unknown yet (no hello): targeted once it arrives.
+    awaiting_inventory: int = 0
+
+    def as_detail(self) -> dict[str, Any]:
+        """For the audit log."""
+        return {"added": self.added, "excluded": self.excluded}
 
 
-async def start_campaign(repo: Repository, campaign_id: int) -> int:
-    """Start a draft campaign; return the number of executions created."""
+async def enroll(
+    q: Queries, campaign_id: int, policy: CampaignPolicy, target: TargetFilter, at: float
+) -> Enrollment:
+    """Target the group members not yet in the campaign: executions or exclusions.
+
+    Runs at start and on every runner tick, so a terminal that joins a group while the
+    campaign is under way takes part (in the wave its bucket falls into). A member whose
+    model and versions are not known yet is left for a later pass, after its first hello:
+    judging it on guesses would exclude (or include) it wrongly.
+    """
+    members = await q.candidates(campaign_id, target.from_campaign)
+    candidates = [m for m in members if m["known"]]
+    awaiting = len(members) - len(candidates)
+    if not candidates:
+        return Enrollment(0, {}, awaiting)
+    bundle = [Package.from_row(p) for p in await q.campaign_packages(campaign_id)]
+    bounds = [w["bucket_hi"] for w in await q.campaign_waves(campaign_id)]
+    included: list[tuple[str, int, int]] = []
+    excluded: list[tuple[str, str, str]] = []
+    for row in candidates:
+        verdict = exclusion(
+            Terminal(
+                id=row["id"],
+                model=row["model"],
+                merchant_id=row["merchant_id"],
+                versions=row["versions"],
+                attributes=row["attributes"],
+            ),
+            target,
+            bundle,
+            allow_downgrade=policy.allow_downgrade,
+            in_source_campaign=row["in_source"],
+        )
+        if verdict is None:
+            bucket = row["bucket"]
+            wave = next(n for n, hi in enumerate(bounds, 1) if bucket < hi)
+            included.append((row["id"], wave, bucket))
+        else:
+            excluded.append((row["id"], verdict[0].value, verdict[1]))
+    when = as_datetime(at)
+    if included:
+        await q.add_executions(campaign_id, included, when)
+    if excluded:
+        await q.add_exclusions(campaign_id, excluded, when)
+    reasons: dict[str, int] = defaultdict(int)
+    for _, reason, _ in excluded:
+        reasons[reason] += 1
+    return Enrollment(len(included), dict(reasons), awaiting)
+
+
+def count_wave_bounds(policy: CampaignPolicy, buckets: Sequence[int]) -> list[int]:
+    """Bucket bounds that put about each wave's count of terminals into it.
+
+    The last wave always reaches every bucket, so later joiners fall into some wave.
+    """
+    ordered = sorted(buckets)
+    bounds: list[int] = []
+    for wave in policy.waves[:-1]:
+        count = wave.count or 0
+        hi = BUCKETS if count >= len(ordered) else ordered[count - 1] + 1
+        bounds.append(max(hi, bounds[-1] if bounds else 1))
+    return [*bounds, BUCKETS]
+
+
+async def start_campaign(
+    repo: Repository, clock: Clock, campaign_id: int, actor: str = OPERATOR
+) -> Enrollment:
+    """Start a draft campaign: target its terminals and open wave 1."""
+    now = clock.now()
     async with repo.transaction() as q:
-        await _require(q, campaign_id)
+        campaign = await _require(q, campaign_id)
         busy = await q.overlapping_campaigns(campaign_id)
         if busy:
             raise CampaignError(
@@ -128,57 +188,197 @@ async def start_campaign(repo: Repository, campaign_id: int) -> int:
                 f"campaign(s) {', '.join(busy)} still run on the same groups; "
                 "finish, pause-and-cancel, or wait for them first",
             )
-        started, count = await q.start_campaign(campaign_id)
-        if not started:
+        if not await q.mark_started(campaign_id, as_datetime(now)):
             raise CampaignError("not_draft", f"campaign {campaign_id} has already been started")
-        await q.log_campaign(campaign_id, "operator", "started", {"executions": count})
-    return count
+        policy = CampaignPolicy.model_validate(campaign["policy"])
+        target = TargetFilter.model_validate(campaign["target"])
+        if policy.waves[0].count is not None:
+            members = await q.candidates(campaign_id, target.from_campaign)
+            await q.set_wave_bounds(
+                campaign_id, count_wave_bounds(policy, [bucket_of(m["id"]) for m in members])
+            )
+        enrollment = await enroll(q, campaign_id, policy, target, now)
+        await audit.append(
+            q,
+            at=now,
+            actor=actor,
+            action="campaign_started",
+            campaign_id=campaign_id,
+            detail=enrollment.as_detail(),
+        )
+    return enrollment
 
 
-async def pause_campaign(repo: Repository, campaign_id: int, reason: str = "operator") -> None:
-    """Stop widening and stop terminals that have not begun from beginning."""
+async def pause_campaign(
+    repo: Repository,
+    clock: Clock,
+    campaign_id: int,
+    reason: str = "operator",
+    actor: str = OPERATOR,
+) -> None:
+    """Stop starting terminals; those already under way run to their end."""
+    now = clock.now()
     async with repo.transaction() as q:
         await _require(q, campaign_id)
-        if await q.set_control(campaign_id, "paused", reason, ["running"]) is None:
+        if (
+            await q.set_control(campaign_id, "paused", reason, ["running"], as_datetime(now))
+            is None
+        ):
             raise CampaignError("not_running", f"campaign {campaign_id} is not running")
-        await q.log_campaign(campaign_id, "operator", "paused", {"reason": reason})
+        await audit.append(
+            q,
+            at=now,
+            actor=actor,
+            action="campaign_paused",
+            campaign_id=campaign_id,
+            detail={"reason": reason},
+        )
 
 
-async def resume_campaign(repo: Repository, campaign_id: int) -> None:
+async def resume_campaign(
+    repo: Repository, clock: Clock, campaign_id: int, actor: str = OPERATOR
+) -> None:
     """Resume a paused campaign, accepting the failures so far.
 
     Without that, an automatic pause would trip again on the very next tick: the failures
     that caused it are final and do not go away. Thresholds count only new failures.
     """
+    now = clock.now()
     async with repo.transaction() as q:
         await _require(q, campaign_id)
-        revision = await q.set_control(campaign_id, "running", None, ["paused"])
+        revision = await q.set_control(campaign_id, "running", None, ["paused"], as_datetime(now))
         if revision is None:
             raise CampaignError("not_paused", f"campaign {campaign_id} is not paused")
-        waves = _waves(await q.wave_counts(campaign_id), current_wave=0)
+        waves = wave_statuses(await q.wave_counts(campaign_id), current_wave=0)
         accepted = {w.wave: w.count(FAILURE) for w in waves if w.count(FAILURE)}
         await q.acknowledge_failures(campaign_id, accepted)
-        await q.log_campaign(
-            campaign_id, "operator", "resumed", {"acknowledged_failures": accepted}
+        await audit.append(
+            q,
+            at=now,
+            actor=actor,
+            action="campaign_resumed",
+            campaign_id=campaign_id,
+            detail={"acknowledged_failures": {str(k): v for k, v in accepted.items()}},
         )
 
 
-async def cancel_campaign(repo: Repository, campaign_id: int) -> None:
-    """Cancel: executions not yet begun end as canceled; the rest run to their end."""
+async def cancel_campaign(
+    repo: Repository,
+    clock: Clock,
+    campaign_id: int,
+    *,
+    control: str = "canceled",
+    reason: str | None = None,
+    actor: str = OPERATOR,
+) -> None:
+    """Cancel (or abort): nothing more starts; terminals not yet installing are told to stop.
+
+    Executions the controller still holds end canceled at once; a terminal that is queued,
+    deferred or downloading gets a cancel command and reports canceled; one already
+    installing runs to its end (an install is never interrupted).
+    """
+    now = clock.now()
     async with repo.transaction() as q:
         await _require(q, campaign_id)
-        revision = await q.set_control(campaign_id, "canceled", "operator", ["running", "paused"])
+        revision = await q.set_control(
+            campaign_id, control, reason, ["running", "paused"], as_datetime(now)
+        )
         if revision is None:
             raise CampaignError(
                 "not_cancelable", f"campaign {campaign_id} is not running or paused"
             )
-        await q.cancel_pending_executions(campaign_id)
-        await q.log_campaign(campaign_id, "operator", "canceled", {})
+        await q.cancel_unstarted(campaign_id, as_datetime(now))
+        await audit.append(
+            q,
+            at=now,
+            actor=actor,
+            action=f"campaign_{control}",
+            campaign_id=campaign_id,
+            detail={"reason": reason},
+        )
 
 
-async def _require(q: Queries, campaign_id: int) -> None:
-    if await q.campaign(campaign_id) is None:
+async def exclude_model(
+    repo: Repository, clock: Clock, campaign_id: int, model: str, actor: str = OPERATOR
+) -> int:
+    """Take a terminal model out of a campaign; return how many executions left it.
+
+    Executions of that model not yet started leave as exclusions (reason `operator`), and
+    later joiners of that model are excluded too; those under way or final stay.
+    """
+    now = clock.now()
+    async with repo.transaction() as q:
+        campaign = await _require(q, campaign_id)
+        target = TargetFilter.model_validate(campaign["target"])
+        if model not in target.exclude_models:
+            target = target.model_copy(update={"exclude_models": [*target.exclude_models, model]})
+            await q.set_target(campaign_id, target.model_dump_json(exclude_defaults=True))
+        removed = await q.exclude_unstarted_of_model(campaign_id, model, as_datetime(now))
+        await audit.append(
+            q,
+            at=now,
+            actor=actor,
+            action="model_excluded",
+            campaign_id=campaign_id,
+            detail={"model": model, "executions_removed": len(removed)},
+        )
+    return len(removed)
+
+
+async def create_rollback(
+    repo: Repository,
+    clock: Clock,
+    source_id: int,
+    *,
+    name: str,
+    versions: dict[str, str] | None = None,
+    policy: CampaignPolicy | None = None,
+    actor: str = OPERATOR,
+) -> int:
+    """Create a draft campaign that takes the source campaign's terminals back.
+
+    It targets the source's groups, limited to terminals that had an execution in it, and
+    installs, for each package of the source bundle, the version those terminals ran
+    before (or `versions`, when they ran several). Downgrades are allowed; terminals
+    already on the old version report already_installed. A source still under way must be
+    canceled first.
+    """
+    async with repo.connection() as q:
+        source = await _require(q, source_id)
+        groups = await q.campaign_groups(source_id)
+        previous = await q.previous_versions(source_id)
+    chosen = dict(versions or {})
+    for package_name, seen in previous.items():
+        if package_name in chosen:
+            continue
+        if len(seen) > 1:
+            raise CampaignError(
+                "ambiguous_rollback",
+                f"terminals ran {package_name} {', '.join(sorted(seen))} before; "
+                f"name the version to go back to",
+            )
+        chosen[package_name] = next(iter(seen))
+    if not chosen:
+        raise CampaignError("nothing_to_roll_back", f"campaign {source_id} changed no terminal")
+    base = policy or CampaignPolicy.model_validate(source["policy"])
+    return await create_campaign(
+        repo,
+        clock,
+        name=name,
+        groups=groups,
+        packages=sorted(chosen.items()),
+        policy=base.model_copy(update={"allow_downgrade": True}),
+        target=TargetFilter(from_campaign=source_id),
+        rollback_of=source_id,
+        actor=actor,
+    )
+
+
+async def _require(q: Queries, campaign_id: int) -> dict[str, Any]:
+    campaign = await q.campaign(campaign_id)
+    if campaign is None:
         raise NotFoundError("campaign", str(campaign_id))
+    return campaign
 
 
 # -- status ---------------------------------------------------------------------------
@@ -213,6 +413,7 @@ class CampaignStatus:
     current_wave: int
     paused_reason: str | None
     waves: list[WaveStatus]
+    excluded: dict[str, int] = field(default_factory=dict)
 
     @property
     def totals(self) -> dict[str, int]:
@@ -225,16 +426,17 @@ class CampaignStatus:
 
     @property
     def status(self) -> str:
-        """draft, running, paused, canceled, or completed once every execution is final."""
+        """draft, running, paused, canceled, aborted, or completed once all is final."""
         everything_final = all(
             wave.count(FINAL) == wave.size for wave in self.waves
         ) and self.current_wave == len(self.waves)
-        if self.control in ("running", "canceled") and everything_final:
-            return "completed" if self.control == "running" else "canceled"
+        if self.control == "running" and everything_final:
+            return "completed"
         return self.control
 
 
-def _waves(rows: list[WaveRow], current_wave: int) -> list[WaveStatus]:
+def wave_statuses(rows: list[WaveRow], current_wave: int) -> list[WaveStatus]:
+    """Fold per-(wave, state) counts into waves."""
     by_wave: dict[int, WaveStatus] = {}
     for row in rows:
         wave = by_wave.setdefault(
@@ -254,230 +456,30 @@ def _waves(rows: list[WaveRow], current_wave: int) -> list[WaveStatus]:
 async def campaign_status(repo: Repository, campaign_id: int) -> CampaignStatus:
     """Read a campaign's status."""
     async with repo.connection() as q:
-        row = await q.campaign(campaign_id)
-        if row is None:
-            raise NotFoundError("campaign", str(campaign_id))
+        row = await _require(q, campaign_id)
         rows = await q.wave_counts(campaign_id)
+        excluded = await q.exclusion_counts(campaign_id)
     return CampaignStatus(
         id=row["id"],
         name=row["name"],
         control=row["control"],
         current_wave=row["current_wave"],
         paused_reason=row["paused_reason"],
-        waves=_waves(rows, row["current_wave"]),
+        waves=wave_statuses(rows, row["current_wave"]),
+        excluded=excluded,
     )
 
 
-# -- the runner -----------------------------------------------------------------------
+def success_share(wave: WaveStatus, acknowledged: int) -> tuple[int, int]:
+    """(succeeded, counted) of a wave; failures an operator accepted count neither way."""
+    return wave.count(SUCCESS), wave.size - acknowledged
 
 
-class CampaignRunner:
-    """Publishes desired states and decides, every tick, to widen or to pause."""
-
-    def __init__(self, repo: Repository, publisher: Publisher, settings: FleetSettings) -> None:
-        """Wire the runner to the repository and the MQTT publisher."""
-        self._repo = repo
-        self._publisher = publisher
-        self._artifact_base_url = settings.artifact_base_url.rstrip("/")
-        self._tick_s = settings.campaign_tick_s
-        self._cancel_grace_s = settings.cancel_grace_s
-        self._execution_timeout_s = settings.execution_timeout_s
-        self._published: dict[int, int] = {}
-        self.ticked = asyncio.Event()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Evaluate every live campaign each tick until `stop` is set."""
-        while not stop.is_set():
-            try:
-                await self.tick()
-            except DatabaseUnavailableError as exc:
-                logger.warning("campaign tick skipped: %s", exc, extra={"action": "tick_skipped"})
-            self.ticked.set()
-            try:
-                async with asyncio.timeout(self._tick_s):
-                    await stop.wait()
-            except TimeoutError:
-                pass
-
-    async def tick(self) -> None:
-        """Evaluate every live campaign once and publish what changed."""
-        async with self._repo.connection() as q:
-            campaigns = await q.live_campaigns()
-        for campaign in campaigns:
-            try:
-                await self._expire(campaign)
-                if campaign.control == "running":
-                    await self._evaluate(campaign)
-            except DatabaseUnavailableError:
-                raise
-            except Exception:
-                # One broken campaign must not stop the others, nor ingest beside it.
-                logger.exception(
-                    "campaign %s not evaluated", campaign.name, extra={"action": "tick_failed"}
-                )
-        async with self._repo.connection() as q:
-            campaigns = await q.live_campaigns()
-        for campaign in campaigns:
-            if self._published.get(campaign.id) != campaign.desired_revision:
-                try:
-                    await self._publish_desired(campaign.id)
-                except DatabaseUnavailableError:
-                    raise
-                except Exception as exc:
-                    # Not marked as published: the next tick tries again.
-                    logger.warning(
-                        "desired state of campaign %s not published: %s",
-                        campaign.name,
-                        exc,
-                        extra={"action": "desired_publish_failed"},
-                    )
-
-    async def _expire(self, campaign: LiveCampaign) -> None:
-        async with self._repo.transaction() as q:
-            timed_out = await q.time_out_stale_executions(campaign.id, self._execution_timeout_s)
-            canceled = await q.finish_canceling(campaign.id, self._cancel_grace_s)
-            if timed_out:
-                await q.log_campaign(
-                    campaign.id,
-                    "runner",
-                    "timed_out",
-                    {"terminals": timed_out[:100], "count": len(timed_out)},
-                )
-        if timed_out:
-            metrics.CAMPAIGN_DECISIONS.labels("timed_out").inc(len(timed_out))
-            logger.warning(
-                "campaign %s: %d executions timed out",
-                campaign.name,
-                len(timed_out),
-                extra={"action": "timed_out"},
-            )
-        if canceled:
-            metrics.CAMPAIGN_DECISIONS.labels("canceled").inc(len(canceled))
-
-    async def _evaluate(self, campaign: LiveCampaign) -> None:
-        async with self._repo.connection() as q:
-            waves = _waves(await q.wave_counts(campaign.id), campaign.current_wave)
-        for wave in waves:
-            accepted = campaign.acknowledged_failures.get(wave.wave, 0)
-            counted = wave.size - accepted
-            if not wave.opened or counted <= 0:
-                continue
-            failures = wave.count(FAILURE) - accepted
-            if failures / counted > campaign.failure_threshold:
-                await self._pause_on_failures(campaign, wave, failures, counted)
-                return
-        current = waves[campaign.current_wave - 1]
-        succeeded = current.count(SUCCESS)
-        # Failures an operator accepted by resuming count neither for nor against.
-        counted = current.size - campaign.acknowledged_failures.get(current.wave, 0)
-        ready = counted <= 0 or succeeded / counted >= campaign.success_threshold
-        if ready and campaign.current_wave < campaign.wave_count:
-            async with self._repo.transaction() as q:
-                revision = await q.open_wave(campaign.id, campaign.current_wave + 1)
-                if revision is None:
-                    return
-                await q.log_campaign(
-                    campaign.id,
-                    "runner",
-                    "wave_opened",
-                    {
-                        "wave": campaign.current_wave + 1,
-                        "previous_wave_succeeded": succeeded,
-                        "previous_wave_counted": counted,
-                        "success_threshold": campaign.success_threshold,
-                    },
-                )
-            metrics.CAMPAIGN_DECISIONS.labels("wave_opened").inc()
-            logger.info(
-                "campaign %s: wave %d opened (%d/%d succeeded)",
-                campaign.name,
-                campaign.current_wave + 1,
-                succeeded,
-                counted,
-                extra={"action": "wave_opened"},
-            )
-
-    async def _pause_on_failures(
-        self, campaign: LiveCampaign, wave: WaveStatus, failures: int, counted: int
-    ) -> None:
-        reason = (
-            f"wave {wave.wave}: {failures} of {counted} failed "
-            f"({failures / counted:.1%} > {campaign.failure_threshold:.1%})"
-        )
-        async with self._repo.transaction() as q:
-            revision = await q.set_control(campaign.id, "paused", reason, ["running"])
-            if revision is None:
-                return
-            await q.log_campaign(
-                campaign.id,
-                "runner",
-                "paused_on_failures",
-                {
-                    "wave": wave.wave,
-                    "failed": failures,
-                    "counted": counted,
-                    "size": wave.size,
-                    "failure_threshold": campaign.failure_threshold,
-                    "counts": wave.counts,
-                },
-            )
-        metrics.CAMPAIGN_DECISIONS.labels("paused_on_failures").inc()
-        logger.warning(
-            "campaign %s paused: %s", campaign.name, reason, extra={"action": "paused_on_failures"}
-        )
-
-    async def _publish_desired(self, campaign_id: int) -> None:
-        async with self._repo.connection() as q:
-            source = await q.campaign_desired(campaign_id)
-        if source is None or source.revision == 0:
-            return
-        status = _DESIRED_STATUS[source.control]
-        packages = [
-            PackageRef(
-                name=p["name"],
-                kind=PackageKind(p["kind"]),
-                version=p["version"],
-                url=f"{self._artifact_base_url}/artifacts/{p['sha256']}",
-                size=p["size"],
-                sha256=p["sha256"],
-                models=p["models"],
-            )
-            for p in source.packages
-        ]
-        for group in source.groups:
-            message = DesiredState(
-                group=group,
-                campaign_id=source.campaign_id,
-                revision=source.revision,
-                status=status,
-                packages=packages,
-                buckets=BucketRange(lo=0, hi=source.bucket_hi),
-                issued_at=now(),
-            )
-            await self._publisher.publish(
-                desired_topic(group), message.to_bytes(), qos=1, retain=True
-            )
-            metrics.DESIRED_PUBLISHED.inc()
-        self._published[campaign_id] = source.revision
+def jsonable(value: datetime | None) -> str | None:
+    """A timestamp for JSON output."""
+    return None if value is None else value.isoformat()
 
 
-async def send_groups(
-    publisher: Publisher, terminal_id: str, groups: list[str], expiry_s: int
-) -> None:
-    """Tell a terminal which groups it belongs to (sent after each hello)."""
-    issued = now()
-    command = Command(
-        msg_id=new_message_id(),
-        tid=terminal_id,
-        kind=CommandKind.GROUPS,
-        issued_at=issued,
-        expires_at=issued + expiry_s,
-        groups=groups,
-    )
-    await publisher.publish(
-        terminal_topic(terminal_id, MessageKind.CMD),
-        command.to_bytes(),
-        qos=1,
-        expiry_s=expiry_s,
-    )
-    metrics.COMMANDS_PUBLISHED.labels(CommandKind.GROUPS.value).inc()
+def dumps(value: Any) -> str:  # noqa: ANN401 - any JSON value
+    """Compact JSON for CLI output."""
+    return json.dumps(value, separators=(",", ":"), default=str)

@@ -13,12 +13,13 @@ import logging
 
 from fleet import metrics
 from fleet.artifacts import ArtifactStore
-from fleet.campaigns import CampaignRunner, send_groups
+from fleet.clock import Clock, SystemClock
 from fleet.db.repository import Repository, connect
 from fleet.errors import DatabaseUnavailableError
 from fleet.http import HttpServer
 from fleet.ingest import Ingest
 from fleet.mqtt import Incoming, MqttSession, PublishError
+from fleet.runner import CampaignRunner, send_groups
 from fleet.settings import FleetSettings
 
 logger = logging.getLogger(__name__)
@@ -28,9 +29,15 @@ _MAX_PENDING_REPLIES = 10_000
 
 
 async def run(
-    settings: FleetSettings, stop: asyncio.Event, ready: asyncio.Event | None = None
+    settings: FleetSettings,
+    stop: asyncio.Event,
+    ready: asyncio.Event | None = None,
+    clock: Clock | None = None,
 ) -> None:
-    """Run the controller until `stop` is set; set `ready` once it serves."""
+    """Run the controller until `stop` is set; set `ready` once it serves.
+
+    `clock` drives every campaign decision; tests pass a `ManualClock`.
+    """
     _warn_about_demo_secrets(settings)
     repo = await connect(
         settings.database_url,
@@ -44,7 +51,7 @@ async def run(
         session = MqttSession(settings, inbox)
         try:
             await session.start()
-            await _supervise(settings, repo, session, inbox, stop, ready)
+            await _supervise(settings, repo, session, inbox, stop, ready, clock or SystemClock())
         finally:
             await session.stop()
     finally:
@@ -70,6 +77,7 @@ async def _supervise(
     inbox: asyncio.Queue[Incoming],
     stop: asyncio.Event,
     ready: asyncio.Event | None,
+    clock: Clock,
 ) -> None:
     replies: asyncio.Queue[tuple[str, list[str]]] = asyncio.Queue(maxsize=_MAX_PENDING_REPLIES)
 
@@ -92,8 +100,9 @@ async def _supervise(
         batch_max=settings.ingest_batch_max,
         batch_wait_s=settings.ingest_batch_wait_ms / 1000,
         on_hello=after_hello,
+        clock=clock,
     )
-    runner = CampaignRunner(repo, session, settings)
+    runner = CampaignRunner(repo, session, settings, clock)
     http = HttpServer(
         settings.http_host,
         settings.http_port,

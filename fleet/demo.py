@@ -24,9 +24,11 @@ from typing import Any
 from fleet import campaigns, controller, inventory
 from fleet.artifacts import ArtifactStore
 from fleet.broker_admin import BrokerAdmin
+from fleet.clock import SystemClock
 from fleet.db import connect, migrate
 from fleet.db.repository import Repository
 from fleet.embedded import Mosquitto, Postgres, free_port
+from fleet.policy import CampaignPolicy, HealthGate, Retries, Wave
 from fleet.progress import render_status
 from fleet.protocol import PackageKind
 from fleet.settings import FleetSettings
@@ -38,6 +40,17 @@ GROUPS = ("north", "south")
 MODELS = {"PAX-A920": 3.0, "VX-690": 1.0}
 PACKAGE_SIZE = 256 * 1024
 CAMPAIGN_TIMEOUT_S = 600.0
+#: The demo runs whenever someone tries it, so it has no maintenance window; its retries
+#: back off for seconds, not minutes, and its thresholds let the injected faults through.
+DEMO_POLICY = CampaignPolicy(
+    waves=[Wave(percent=10), Wave(percent=50), Wave(percent=100)],
+    success_threshold=0.8,
+    failure_threshold=0.25,
+    cumulative_failure_threshold=0.25,
+    window=None,
+    retries=Retries(backoff_s=2.0),
+    health_gate=HealthGate(tolerance=0.05),
+)
 
 
 async def run_demo(settings: FleetSettings, *, terminals: int, workdir: Path | None) -> int:
@@ -90,7 +103,7 @@ async def _run(settings: FleetSettings, count: int, root: Path) -> int:
             await ready.wait()
         simulator = await _start_simulator(settings, count, root)
         print(f"demo: {count} simulated terminals starting (pid {simulator.pid})", flush=True)
-        await campaigns.start_campaign(repo, campaign_id)
+        await campaigns.start_campaign(repo, SystemClock(), campaign_id)
         status = await _watch(repo, campaign_id, simulator)
         report = await _stop_simulator(simulator)
         simulator = None
@@ -127,12 +140,11 @@ async def _prepare(repo: Repository, settings: FleetSettings, count: int, root: 
     )
     return await campaigns.create_campaign(
         repo,
+        SystemClock(),
         name="demo-os-2.0.0",
         groups=list(GROUPS),
         packages=[("os", "2.0.0")],
-        waves=[10, 50, 100],
-        success_threshold=0.8,
-        failure_threshold=0.25,
+        policy=DEMO_POLICY,
     )
 
 

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from fleet import metrics
+from fleet import audit, metrics
+from fleet.clock import Clock, SystemClock, as_datetime
 from fleet.db.repository import HeartbeatRow, Queries, Repository
 from fleet.errors import DatabaseUnavailableError, QueryRefusedError
 from fleet.mqtt import Incoming
+from fleet.policy import valid_timezone
 from fleet.protocol import (
     Heartbeat,
     Hello,
@@ -32,6 +34,7 @@ from fleet.protocol import (
     decode,
     terminal_topic,
 )
+from fleet.states import ExecState
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +91,11 @@ class Ingest:
         batch_max: int,
         batch_wait_s: float,
         on_hello: HelloSink | None = None,
+        clock: Clock | None = None,
     ) -> None:
         """Wire ingest to the repository and to the session that acks."""
         self._repo = repo
+        self._clock = clock or SystemClock()
         self._acker = acker
         self._batch_max = batch_max
         self._batch_wait_s = batch_wait_s
@@ -204,7 +209,9 @@ class Ingest:
                     model=hello.model,
                     versions=hello.versions,
                     merchant_id=hello.merchant_id,
-                    timezone=hello.timezone,
+                    # Maintenance windows are computed in this zone; an unknown name
+                    # would make every window check guess, so it is stored as UTC.
+                    timezone=hello.timezone if valid_timezone(hello.timezone) else "UTC",
                     attributes=hello.attributes,
                     boot_id=hello.boot_id,
                 )
@@ -220,6 +227,8 @@ class Ingest:
         return BatchResult(hello_groups=hello_groups)
 
     async def _write_events(self, q: Queries, batch: _Batch) -> None:
+        at = self._clock.now()
+        retries: dict[int, list[str]] = {}
         for event in batch.events:
             outcome = await q.record_event(
                 msg_id=event.msg_id,
@@ -232,6 +241,9 @@ class Ingest:
                 error_code=event.error_code,
                 detail=event.detail,
                 device_ts=event.ts,
+                at=as_datetime(at),
+                attempt=event.attempt,
+                package=event.package,
             )
             if not outcome.known:
                 batch.refuse(
@@ -244,8 +256,20 @@ class Ingest:
                 metrics.EVENT_DUPLICATES.inc()
             elif outcome.moved:
                 metrics.UPDATE_TRANSITIONS.labels(event.state.value).inc()
+                if outcome.new_state == ExecState.RETRY_WAIT:
+                    retries.setdefault(event.campaign_id, []).append(event.tid)
             else:
                 metrics.EVENT_NOT_APPLIED.inc()
+        for campaign_id, terminals in retries.items():
+            # A retry is an automatic decision; it is audited with the report that caused it.
+            await audit.append(
+                q,
+                at=at,
+                actor="ingest",
+                action="retry_scheduled",
+                campaign_id=campaign_id,
+                detail={"terminals": terminals[:50], "count": len(terminals)},
+            )
 
     async def _write_heartbeats(self, q: Queries, batch: _Batch) -> None:
         if not batch.heartbeats:
@@ -259,6 +283,8 @@ class Ingest:
             list(latest),
             [received] * len(latest),
             [json.dumps(hb.versions) for hb in latest.values()],
+            [json.dumps(hb.health) for hb in latest.values()],
+            as_datetime(self._clock.now()),
         )
         rows = []
         for hb in batch.heartbeats:

@@ -10,12 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fleet import audit
 from fleet.artifacts import ArtifactStore
 from fleet.broker_admin import BrokerAdmin
-from fleet.campaigns import send_groups
 from fleet.db.repository import Repository
 from fleet.errors import CampaignError
-from fleet.protocol import MAX_MODELS, PackageKind, is_valid_id
+from fleet.policy import valid_timezone
+from fleet.protocol import MAX_MODELS, PackageKind, is_valid_id, now
+from fleet.runner import send_groups
 
 _VERSION_RE = re.compile(r"[A-Za-z0-9._+-]{1,64}")
 
@@ -30,8 +32,19 @@ async def provision_terminals(
     bad = [t["id"] for t in terminals if not is_valid_id(t["id"])]
     if bad:
         raise CampaignError("bad_terminal_id", f"invalid terminal ids: {bad[:5]}")
+    zones = {t.get("timezone", "UTC") for t in terminals}
+    unknown = sorted(z for z in zones if not valid_timezone(z))
+    if unknown:
+        raise CampaignError("bad_timezone", f"unknown time zones: {unknown[:5]}")
     async with repo.transaction() as q:
         await q.upsert_terminals(terminals)
+        await audit.append(
+            q,
+            at=now(),
+            actor="operator",
+            action="terminals_provisioned",
+            detail={"count": len(terminals), "first": terminals[0]["id"] if terminals else None},
+        )
     await admin.ensure_terminals([t["id"] for t in terminals], secret)
 
 
@@ -41,6 +54,9 @@ async def create_group(repo: Repository, admin: BrokerAdmin, name: str) -> None:
         raise CampaignError("bad_group_name", f"invalid group name {name!r}")
     async with repo.transaction() as q:
         await q.create_group(name)
+        await audit.append(
+            q, at=now(), actor="operator", action="group_created", detail={"group": name}
+        )
     await admin.ensure_group(name)
 
 
@@ -60,6 +76,17 @@ async def assign_group(
     """
     async with repo.transaction() as q:
         await q.assign_group(group, terminal_ids)
+        await audit.append(
+            q,
+            at=now(),
+            actor="operator",
+            action="group_assigned",
+            detail={
+                "group": group,
+                "terminals": list(terminal_ids[:50]),
+                "count": len(terminal_ids),
+            },
+        )
     await admin.add_to_group(group, terminal_ids)
     async with repo.connection() as q:
         groups_of = await q.terminals_groups(terminal_ids)
@@ -76,8 +103,14 @@ async def add_package(
     kind: PackageKind,
     version: str,
     models: Sequence[str],
+    from_versions: Sequence[str] = (),
+    requires: dict[str, str] | None = None,
 ) -> int:
-    """Store a package file content-addressed and register it; size and sha256 computed."""
+    """Store a package file content-addressed and register it; size and sha256 computed.
+
+    `from_versions` limits which installed versions it upgrades; `requires` names packages
+    that must be at least at a version (installed, or earlier in the same bundle).
+    """
     if not 1 <= len(models) <= MAX_MODELS or any(not 0 < len(m) <= 64 for m in models):
         raise CampaignError(
             "bad_package", f"a package names 1 to {MAX_MODELS} models of at most 64 characters"
@@ -85,5 +118,35 @@ async def add_package(
     if not is_valid_id(name) or not _VERSION_RE.fullmatch(version):
         raise CampaignError("bad_package", f"invalid package name or version {name}={version}")
     stored = store.add_file(path)
+    bad_versions = [
+        v for v in [*from_versions, *(requires or {}).values()] if not _VERSION_RE.fullmatch(v)
+    ]
+    if bad_versions or not all(is_valid_id(n) for n in requires or {}):
+        raise CampaignError("bad_package", f"invalid from-version or requirement {bad_versions}")
     async with repo.transaction() as q:
-        return await q.add_package(name, kind.value, version, stored.size, stored.sha256, models)
+        package_id = await q.add_package(
+            name,
+            kind.value,
+            version,
+            stored.size,
+            stored.sha256,
+            models,
+            from_versions=from_versions,
+            requires=requires,
+        )
+        await audit.append(
+            q,
+            at=now(),
+            actor="operator",
+            action="package_added",
+            detail={
+                "package": f"{name}={version}",
+                "kind": kind.value,
+                "sha256": stored.sha256,
+                "size": stored.size,
+                "models": list(models),
+                "from_versions": list(from_versions),
+                "requires": requires or {},
+            },
+        )
+    return package_id

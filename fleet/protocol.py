@@ -176,33 +176,18 @@ class PackageRef(_Message):
     models: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=MAX_MODELS)]
 
 
-class BucketRange(_Message):
-    """Half-open range ``[lo, hi)`` of rollout buckets that may start now."""
-
-    lo: Annotated[int, Field(ge=0, le=BUCKETS)] = 0
-    hi: Annotated[int, Field(ge=0, le=BUCKETS)]
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Self:
-        if self.lo > self.hi:
-            msg = "lo must not exceed hi"
-            raise ValueError(msg)
-        return self
-
-    def __contains__(self, bucket: object) -> bool:
-        """Tell whether a bucket number is inside the range."""
-        return isinstance(bucket, int) and self.lo <= bucket < self.hi
-
-
 class DesiredState(_Message):
-    """A group's desired state: the campaign's packages and which buckets may start."""
+    """A group's desired state: the campaign's target packages and whether it is live.
+
+    It tells terminals what the campaign installs; a terminal starts only when a `start`
+    command admits it, so waves, windows and rate limits stay the controller's decisions.
+    """
 
     group: GroupName
     campaign_id: BigInt
     revision: BigInt
     status: Literal["active", "paused", "canceled"]
     packages: Annotated[list[PackageRef], Field(min_length=1, max_length=MAX_PACKAGES)]
-    buckets: BucketRange
     issued_at: Timestamp
 
 
@@ -210,8 +195,8 @@ class CommandKind(enum.StrEnum):
     """What a targeted command asks of one terminal."""
 
     GROUPS = "groups"
+    START = "start"
     CANCEL = "cancel"
-    RETRY = "retry"
     REBOOT = "reboot"
 
 
@@ -224,6 +209,10 @@ class Command(_Message):
     issued_at: Timestamp
     expires_at: Timestamp
     campaign_id: BigInt | None = None
+    #: `start`: the attempt number (a retry is a start with a higher one).
+    attempt: BigInt | None = None
+    #: `start`: whether the merchant may postpone this attempt (false: a forced update).
+    may_postpone: bool | None = None
     groups: Annotated[list[GroupName], Field(max_length=64)] | None = None
 
 
@@ -236,6 +225,9 @@ class StateEvent(_Message):
     campaign_id: BigInt
     state: ExecState
     ts: Timestamp
+    attempt: BigInt | None = None
+    #: The package of the bundle this step concerns.
+    package: GroupName | None = None
     progress: Annotated[int, Field(ge=0, le=100)] | None = None
     stage: Annotated[str, Field(max_length=32)] | None = None
     error_code: Annotated[str, Field(max_length=64, pattern=r"^[A-Z0-9_]+$")] | None = None
@@ -248,6 +240,10 @@ class StateEvent(_Message):
             raise ValueError(msg)
         return self
 
+
+#: Heartbeat health key: the fraction (0..1) of card transactions that failed since the
+#: previous heartbeat. The campaign health gate compares it before and after an update.
+HEALTH_TXN_ERROR_RATE = "txn_error_rate"
 
 HealthValue = (
     bool

@@ -96,12 +96,6 @@ class FleetSettings(BaseSettings):
         description="After a cancel, how long an execution whose terminal has not reported "
         "stays canceling (its first report may be in flight) before it ends canceled.",
     )
-    execution_timeout_s: float = Field(
-        3600.0,
-        gt=0,
-        description="An execution under way that has not moved for this long ends as "
-        "timed_out (and counts as a failure).",
-    )
     command_expiry_s: int = Field(
         3600, ge=1, description="MQTT message expiry of per-terminal commands."
     )

@@ -20,8 +20,10 @@ from device_sim.fleet import Simulator
 from fleet import campaigns, controller, inventory
 from fleet.artifacts import ArtifactStore
 from fleet.broker_admin import BrokerAdmin
+from fleet.clock import Clock, SystemClock
 from fleet.db import Repository
 from fleet.embedded import Mosquitto, free_port
+from fleet.policy import CampaignPolicy, TargetFilter, Wave
 from fleet.protocol import PackageKind
 from fleet.settings import FleetSettings
 from tests.conftest import CONTROLLER_PASSWORD, TERMINAL_SECRET
@@ -64,26 +66,45 @@ class Stack:
     settings: FleetSettings
     repo: Repository
     workdir: Path
+    clock: Clock = field(default_factory=SystemClock)
     _controller: asyncio.Task[None] | None = None
     _controller_stop: asyncio.Event = field(default_factory=asyncio.Event)
     _process: "subprocess.Popen[bytes] | None" = None
 
     async def provision(
-        self, terminal_ids: Sequence[str], groups: dict[str, Sequence[str]]
+        self,
+        terminal_ids: Sequence[str],
+        groups: dict[str, Sequence[str]],
+        *,
+        attributes: Callable[[str], dict[str, str]] | None = None,
+        model: str = "P400",
     ) -> None:
-        """Register terminals and groups in the database and the broker."""
+        """Register terminals (model, provisioned attributes) and groups.
+
+        `model` "unknown" leaves the inventory to the terminals' hellos.
+        """
+        rows = [
+            {"id": t, "model": model, "attributes": attributes(t) if attributes else {}}
+            for t in terminal_ids
+        ]
         async with BrokerAdmin.from_settings(self.settings) as admin:
-            await inventory.provision_terminals(
-                self.repo, admin, [{"id": t} for t in terminal_ids], TERMINAL_SECRET
-            )
+            await inventory.provision_terminals(self.repo, admin, rows, TERMINAL_SECRET)
             for group, members in groups.items():
                 await inventory.create_group(self.repo, admin, group)
                 await inventory.assign_group(self.repo, admin, group, members)
 
     async def add_package(
-        self, name: str, version: str, models: Sequence[str], size: int = 64 * 1024
+        self,
+        name: str,
+        version: str,
+        models: Sequence[str],
+        size: int = 64 * 1024,
+        *,
+        kind: PackageKind = PackageKind.FIRMWARE,
+        from_versions: Sequence[str] = (),
+        requires: dict[str, str] | None = None,
     ) -> None:
-        """Register a firmware package of random bytes."""
+        """Register a package of random bytes."""
         path = self.workdir / f"{name}-{version}.bin"
         path.write_bytes(os.urandom(size))
         await inventory.add_package(
@@ -91,32 +112,54 @@ class Stack:
             ArtifactStore(self.settings.artifact_dir),
             path,
             name=name,
-            kind=PackageKind.FIRMWARE,
+            kind=kind,
             version=version,
             models=models,
+            from_versions=from_versions,
+            requires=requires,
         )
 
     async def campaign(
         self,
         groups: Sequence[str],
-        package: tuple[str, str],
+        package: tuple[str, str] | Sequence[tuple[str, str]],
         *,
         waves: Sequence[float] = (10, 50, 100),
-        success_threshold: float = 0.8,
-        failure_threshold: float = 0.2,
         name: str = "c1",
+        target: TargetFilter | None = None,
+        start: bool = True,
+        **rules: object,
     ) -> int:
-        """Create and start a campaign; return its id."""
+        """Create (and start) a campaign; return its id.
+
+        `rules` are `CampaignPolicy` fields; tests default to no maintenance window, a
+        permissive cumulative threshold and quick retries, so each test states the rule
+        it is about.
+        """
+        packages = [package] if isinstance(package[0], str) else package
+        policy = CampaignPolicy.model_validate(
+            {
+                "waves": [Wave(percent=w) for w in waves],
+                "success_threshold": 0.8,
+                "failure_threshold": 0.2,
+                "cumulative_failure_threshold": 1.0,
+                "window": None,
+                "retries": {"backoff_s": 0.2, "download": 0, "verify": 0, "timeout": 0},
+                "resend_after_s": 5.0,
+            }
+            | rules
+        )
         campaign_id = await campaigns.create_campaign(
             self.repo,
+            self.clock,
             name=name,
             groups=groups,
-            packages=[package],
-            waves=waves,
-            success_threshold=success_threshold,
-            failure_threshold=failure_threshold,
+            packages=packages,  # type: ignore[arg-type]
+            policy=policy,
+            target=target,
         )
-        await campaigns.start_campaign(self.repo, campaign_id)
+        if start:
+            await campaigns.start_campaign(self.repo, self.clock, campaign_id)
         return campaign_id
 
     # -- the controller, in this loop ----------------------------------------------------
@@ -126,7 +169,8 @@ class Stack:
         ready = asyncio.Event()
         self._controller_stop = asyncio.Event()
         self._controller = asyncio.create_task(
-            controller.run(self.settings, self._controller_stop, ready), name="controller"
+            controller.run(self.settings, self._controller_stop, ready, self.clock),
+            name="controller",
         )
         ready_wait = asyncio.create_task(ready.wait())
         done, _ = await asyncio.wait(

@@ -66,7 +66,17 @@ def test_operator_workflow(cli_env: Path, capsys: pytest.CaptureFixture[str]) ->
         "os=2.0.0",
         "--waves",
         "50,100",
+        "--window",
+        "23:00-05:00",
+        "--rate",
+        "60",
+        "--forced",
+        "--deadline",
+        "download=900",
     )
+    plan = json.loads(_run(capsys, "campaign", "plan", "spring", "--json"))
+    assert sum(w["terminals"] for w in plan["waves"]) == 2
+    assert plan["eta"] is not None
     assert "started with 2 executions" in _run(capsys, "campaign", "start", "spring")
     _run(capsys, "campaign", "pause", "spring")
     status = json.loads(_run(capsys, "campaign", "status", "spring", "--json"))
@@ -79,8 +89,12 @@ def test_operator_workflow(cli_env: Path, capsys: pytest.CaptureFixture[str]) ->
     _run(capsys, "campaign", "cancel", "spring")
     status = json.loads(_run(capsys, "campaign", "status", "spring", "--json"))
     assert status["status"] == "canceled"
-    # No controller runs here: the executions wait out the grace period as canceling.
-    assert status["totals"] == {"canceling": 2}
+    # No controller ran, so no terminal was told to start: they end canceled at once.
+    assert status["totals"] == {"canceled": 2}
+    assert "audit chain intact" in _run(capsys, "audit", "verify")
+    log = _run(capsys, "campaign", "audit", "spring")
+    for action in ("campaign_created", "campaign_started", "campaign_paused", "campaign_canceled"):
+        assert action in log
 
 
 def test_refusals_are_clear_errors(cli_env: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,12 +4,17 @@ import asyncpg
 import pytest
 
 from fleet import campaigns
+from fleet.clock import ManualClock, as_datetime
 from fleet.db import SCHEMA_VERSION, Repository, connect, migrate
 from fleet.db.repository import QUERIES, parse_queries
 from fleet.errors import SchemaVersionError
+from fleet.policy import CampaignPolicy, HealthGate
 from fleet.protocol import bucket_of, new_message_id
-from fleet.states import ALLOWED, FINAL, ExecState, transition_pairs
+from fleet.states import ALLOWED, FINAL, PHASE, ExecState, transition_pairs
 from tests.test_protocol import BUCKET_VECTORS
+
+CLOCK = ManualClock(1_790_000_000.0)
+AT = as_datetime(CLOCK.now())
 
 
 def test_query_file_parser() -> None:
@@ -25,12 +30,12 @@ async def test_state_machine_in_sql_equals_python(database_url: str) -> None:
     try:
         pairs = await conn.fetch("SELECT from_state, to_state FROM state_transitions")
         finals = await conn.fetch("SELECT state FROM execution_states WHERE final")
-        states = await conn.fetch("SELECT state FROM execution_states")
+        states = await conn.fetch("SELECT state, phase FROM execution_states")
     finally:
         await conn.close()
     assert sorted((r[0], r[1]) for r in pairs) == transition_pairs()
     assert {r[0] for r in finals} == {s.value for s in FINAL}
-    assert {r[0] for r in states} == {s.value for s in ExecState}
+    assert {r[0]: r[1] for r in states} == {s.value: PHASE[s] for s in ExecState}
     assert all(not ALLOWED[s] for s in FINAL)
 
 
@@ -66,14 +71,13 @@ async def _one_execution(repo: Repository) -> int:
         await q.add_package("fw", "firmware", "2.0", 10, "a" * 64, ["P400"])
     campaign_id = await campaigns.create_campaign(
         repo,
+        CLOCK,
         name="c",
         groups=["g"],
         packages=[("fw", "2.0")],
-        waves=[100],
-        success_threshold=1.0,
-        failure_threshold=0.5,
+        policy=CampaignPolicy(health_gate=HealthGate(enabled=False)),
     )
-    assert await campaigns.start_campaign(repo, campaign_id) == 1
+    assert (await campaigns.start_campaign(repo, CLOCK, campaign_id)).added == 1
     return campaign_id
 
 
@@ -97,6 +101,7 @@ async def _report(
             error_code=None,
             detail=None,
             device_ts=1.0,
+            at=AT,
         )
     assert outcome.known
     return outcome.inserted, outcome.moved
@@ -152,6 +157,7 @@ async def test_sql_refuses_an_illegal_move_even_without_python(repo: Repository)
             error_code=None,
             detail=None,
             device_ts=1.0,
+            at=AT,
         )
     assert outcome.inserted
     assert not outcome.moved
@@ -172,6 +178,7 @@ async def test_event_for_unknown_execution_is_not_stored(repo: Repository) -> No
             error_code=None,
             detail=None,
             device_ts=1.0,
+            at=AT,
         )
     assert (outcome.known, outcome.inserted, outcome.moved) == (False, False, False)
 

@@ -112,9 +112,10 @@ async def test_failures_above_threshold_pause_before_the_last_wave(
         assert wave3.counts == {"pending": wave3.size}
         assert Counter(db.values())["rolled_back"] > 0
         async with repo.connection() as q:
-            log = await q.campaign_log(campaign_id)
-        paused = [row for row in log if row["action"] == "paused_on_failures"]
-        assert len(paused) == 1
+            log = await q.campaign_audit(campaign_id)
+        tripped = [row for row in log if row["action"] == "threshold_tripped"]
+        assert len(tripped) == 1
+        assert [row["actor"] for row in log if row["action"] == "campaign_paused"] == ["runner"]
     finally:
         await stack.stop_controller()
 
@@ -175,7 +176,7 @@ async def test_controller_killed_mid_campaign_loses_and_duplicates_nothing(
             assert await wait_status(repo, campaign_id, {"completed"}, within_s=120) == "completed"
             await simulator.wait_final(campaign_id, count, timeout_s=60)
         assert stack.terminate_controller_process() == 0
-        sent = [e.msg_id for r in simulator.records() for e in r.events]
+        sent = [e.msg_id for r in simulator.records() for e in (*r.events, *r.resent)]
         conn_rows = await _stored_events(repo)
         assert len(sent) == len(set(sent))
         assert sorted(conn_rows) == sorted(sent), "an event was lost or stored twice"
@@ -188,7 +189,7 @@ async def test_controller_killed_mid_campaign_loses_and_duplicates_nothing(
 
 
 def _sent_ids(simulator: Simulator) -> set[str]:
-    return {e.msg_id for r in simulator.records() for e in r.events}
+    return {e.msg_id for r in simulator.records() for e in (*r.events, *r.resent)}
 
 
 async def _stored_events(repo: Repository) -> list[str]:
@@ -207,9 +208,9 @@ async def test_pause_holds_new_starts_resume_completes_cancel_ends_pending(
     await stack.add_package("os", "2.0.0", ["P400"])
     try:
         paused_id = await stack.campaign(["g1"], ("os", "2.0.0"), waves=[100], name="paused")
-        await campaigns.pause_campaign(repo, paused_id)
+        await campaigns.pause_campaign(repo, stack.clock, paused_id)
         canceled_id = await stack.campaign(["g2"], ("os", "2.0.0"), waves=[100], name="doomed")
-        await campaigns.cancel_campaign(repo, canceled_id)
+        await campaigns.cancel_campaign(repo, stack.clock, canceled_id)
         assert (await campaigns.campaign_status(repo, canceled_id)).status == "canceled"
         # Only now does the controller publish: the first desired states are paused/canceled.
         await stack.start_controller()
@@ -224,7 +225,7 @@ async def test_pause_holds_new_starts_resume_completes_cancel_ends_pending(
             await simulator.wait_desired((canceled_id, "canceled"), count=10, timeout_s=30)
             assert simulator.records() == []
             assert Counter((await _db_states(repo, paused_id)).values()) == {"pending": 20}
-            await campaigns.resume_campaign(repo, paused_id)
+            await campaigns.resume_campaign(repo, stack.clock, paused_id)
             records = await simulator.wait_final(paused_id, 20, timeout_s=60)
             assert await wait_status(repo, paused_id, {"completed"}) == "completed"
         assert {r.final_state for r in records} == {"succeeded"}

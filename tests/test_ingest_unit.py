@@ -17,6 +17,7 @@ class _Outcome:
     known: bool = True
     inserted: bool = True
     moved: bool = True
+    new_state: str | None = None
 
 
 @dataclass

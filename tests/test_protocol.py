@@ -114,13 +114,21 @@ def test_every_message_carries_the_protocol_version() -> None:
                 models=["P400"],
             )
         ],
-        buckets=p.BucketRange(hi=1000),
         issued_at=1_764_000_000.0,
     )
     assert json.loads(desired.to_bytes())["v"] == 1
     assert p.decode_desired(desired.to_bytes()) == desired
-    assert 999 in desired.buckets
-    assert 1000 not in desired.buckets
+    start = p.Command(
+        msg_id=p.new_message_id(),
+        tid="T1",
+        kind=p.CommandKind.START,
+        issued_at=1_764_000_000.0,
+        expires_at=1_764_003_600.0,
+        campaign_id=7,
+        attempt=2,
+        may_postpone=False,
+    )
+    assert p.decode_command(start.to_bytes()) == start
 
 
 def test_terminal_password_is_derived_per_terminal() -> None:

@@ -26,35 +26,71 @@ WHERE terminal_id = ANY($1::text[])
 GROUP BY terminal_id;
 
 -- name: add_package
-INSERT INTO packages (name, kind, version, size, sha256, compatible_models)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO packages (name, kind, version, size, sha256, compatible_models, from_versions,
+                      requires)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 RETURNING id;
 
 -- name: package_by_name
-SELECT id, name, kind, version, size, sha256, compatible_models
+SELECT id, name, kind, version, size, sha256, compatible_models, from_versions, requires
 FROM packages WHERE name = $1 AND version = $2;
 
 -- name: record_event
 -- One state event, idempotent on msg_id. The execution moves only if the event is new,
 -- newer than anything applied before (seq), and the transition is in state_transitions:
 -- a replayed, reordered or illegal event is stored as not applied and changes nothing.
+-- What a report means is decided here, in one statement with the guard: a failed attempt
+-- whose stage has retries left waits for its retry (backoff); a success behind a health
+-- gate waits for a healthy heartbeat; a merchant's postponement hands the terminal back
+-- to the controller until the postpone delay has passed. $11::timestamptz is the controller's clock.
 WITH known AS (
-    SELECT 1 FROM executions WHERE campaign_id = $3 AND terminal_id = $2
+    SELECT e.attempt, e.admitted_at, c.policy
+    FROM executions e JOIN campaigns c ON c.id = e.campaign_id
+    WHERE e.campaign_id = $3 AND e.terminal_id = $2
 ), fresh AS (
     SELECT NOT EXISTS (SELECT 1 FROM update_events WHERE msg_id = $1)
            AND EXISTS (SELECT 1 FROM known) AS is_new
+), decided AS (
+    SELECT CASE
+               WHEN $5 IN ('failed', 'rolled_back')
+                    AND $7 IN ('download', 'verify', 'install', 'self_test')
+                    AND k.attempt <= coalesce((k.policy -> 'retries' ->> $7)::int, 0)
+                   THEN 'retry_wait'
+               WHEN $5 = 'succeeded'
+                    AND coalesce((k.policy -> 'health_gate' ->> 'enabled')::boolean, false)
+                   THEN 'health_check'
+               ELSE $5
+           END AS state,
+           ($5 = 'deferred' AND $7 = 'postponed' AND k.admitted_at IS NOT NULL) AS postponed,
+           k.policy, k.attempt
+    FROM known k
 ), moved AS (
     UPDATE executions e
-    SET state = $5, progress = $6, stage = $7, error_code = $8, detail = $9,
-        last_seq = $4, updated_at = now(),
-        finished_at = CASE WHEN s.final THEN now() END
-    FROM execution_states s
-    WHERE e.campaign_id = $3 AND e.terminal_id = $2 AND s.state = $5
+    SET state = d.state, progress = $6, stage = $7, error_code = $8, detail = $9,
+        package = $13, last_seq = $4, updated_at = $11::timestamptz, resends = 0,
+        finished_at = CASE WHEN ns.final THEN $11::timestamptz END,
+        phase_since = CASE WHEN ns.phase IS DISTINCT FROM os.phase THEN $11::timestamptz
+                           ELSE e.phase_since END,
+        -- A late report of an attempt the controller had taken back puts it back in the
+        -- terminal's hands (and under its deadlines).
+        admitted_at = CASE WHEN d.state = 'retry_wait' OR d.postponed THEN NULL
+                           ELSE coalesce(e.admitted_at, $11::timestamptz) END,
+        next_attempt_at = CASE
+            WHEN d.state = 'retry_wait' THEN $11::timestamptz + fleet_backoff(d.policy, d.attempt)
+            WHEN d.postponed
+                THEN $11::timestamptz + make_interval(secs => (d.policy ->> 'postpone_delay_s')::float8)
+            ELSE e.next_attempt_at END,
+        postpones = e.postpones + d.postponed::int
+    FROM decided d, execution_states ns, execution_states os
+    WHERE e.campaign_id = $3 AND e.terminal_id = $2 AND ns.state = d.state
+      AND os.state = e.state
       AND (SELECT is_new FROM fresh)
       AND $4 > e.last_seq
-      AND NOT (e.state = $5 AND e.progress IS NOT DISTINCT FROM $6)
+      -- A report of an attempt older than the current one changes nothing.
+      AND ($12::integer IS NULL OR $12::integer >= e.attempt)
+      AND NOT (e.state = d.state AND e.progress IS NOT DISTINCT FROM $6)
       AND EXISTS (
-          SELECT 1 FROM state_transitions t WHERE t.from_state = e.state AND t.to_state = $5)
+          SELECT 1 FROM state_transitions t WHERE t.from_state = e.state AND t.to_state = d.state)
     RETURNING e.state
 ), seqs AS (
     UPDATE terminals
@@ -64,8 +100,10 @@ WITH known AS (
     RETURNING 1
 ), ins AS (
     INSERT INTO update_events (msg_id, terminal_id, campaign_id, seq, state, progress, stage,
-                               error_code, detail, device_ts, applied)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10), EXISTS (SELECT 1 FROM moved)
+                               error_code, detail, device_ts, applied, attempt, package,
+                               received_at)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10), EXISTS (SELECT 1 FROM moved),
+           $12, $13, $11::timestamptz
     WHERE (SELECT is_new FROM fresh)
     ON CONFLICT (msg_id) DO NOTHING
     RETURNING 1
@@ -73,13 +111,17 @@ WITH known AS (
 SELECT EXISTS (SELECT 1 FROM known) AS known,
        EXISTS (SELECT 1 FROM ins) AS inserted,
        EXISTS (SELECT 1 FROM moved) AS moved,
+       (SELECT state FROM moved) AS new_state,
        (SELECT count(*) FROM seqs)::int AS seq_rows;
 
 -- name: touch_terminals
--- Coalesced last-seen: one row per terminal per batch, newest heartbeat wins.
+-- Coalesced last-seen: one row per terminal per batch, newest heartbeat wins. heartbeat_at
+-- ($5) is on the controller's clock, for the health gate.
 UPDATE terminals t
-SET last_seen = greatest(t.last_seen, hb.seen), versions = hb.versions, online = true
-FROM unnest($1::text[], $2::timestamptz[], $3::jsonb[]) AS hb (id, seen, versions)
+SET last_seen = greatest(t.last_seen, hb.seen), versions = hb.versions, health = hb.health,
+    heartbeat_at = $5, online = true
+FROM unnest($1::text[], $2::timestamptz[], $3::jsonb[], $4::jsonb[])
+     AS hb (id, seen, versions, health)
 WHERE t.id = hb.id
 RETURNING t.id;
 
@@ -93,7 +135,9 @@ RETURNING t.id;
 
 -- name: record_hello
 UPDATE terminals
-SET model = $2, versions = $3, merchant_id = $4, timezone = $5, attributes = $6,
+SET model = $2, versions = $3, merchant_id = $4, timezone = $5,
+    -- The terminal's own attributes update what provisioning set (e.g. region) key by key.
+    attributes = attributes || $6,
     boot_id = $7, online = true, last_seen = now()
 WHERE id = $1
 RETURNING ARRAY(
@@ -110,9 +154,10 @@ DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - $1;
 -- name: dead_letter_counts
 SELECT reason, count(*)::bigint AS n FROM dead_letters GROUP BY reason ORDER BY reason;
 
+
 -- name: create_campaign
-INSERT INTO campaigns (name, success_threshold, failure_threshold)
-VALUES ($1, $2, $3)
+INSERT INTO campaigns (name, success_threshold, failure_threshold, policy, target, rollback_of)
+VALUES ($1, $2, $3, $4, $5, $6)
 RETURNING id;
 
 -- name: add_campaign_groups
@@ -124,73 +169,262 @@ SELECT $1, p.position, p.package_id
 FROM unnest($2::bigint[]) WITH ORDINALITY AS p (package_id, position);
 
 -- name: add_campaign_waves
-INSERT INTO campaign_waves (campaign_id, wave, bucket_hi)
-SELECT $1, w.wave, w.bucket_hi
-FROM unnest($2::integer[]) WITH ORDINALITY AS w (bucket_hi, wave);
+-- Bucket bounds of waves by count are set at start, from the terminals then targeted.
+INSERT INTO campaign_waves (campaign_id, wave, bucket_hi, soak_s)
+SELECT $1, w.wave, w.bucket_hi, w.soak_s
+FROM unnest($2::integer[], $3::real[]) WITH ORDINALITY AS w (bucket_hi, soak_s, wave);
+
+-- name: set_wave_bounds
+UPDATE campaign_waves w SET bucket_hi = b.bucket_hi
+FROM unnest($2::integer[]) WITH ORDINALITY AS b (bucket_hi, wave)
+WHERE w.campaign_id = $1 AND w.wave = b.wave;
 
 -- name: campaign_by_name
 SELECT id FROM campaigns WHERE name = $1;
 
--- name: start_campaign
--- Creates one execution per distinct terminal of the target groups, in the wave its
--- bucket falls into, and opens wave 1.
-WITH started AS (
-    UPDATE campaigns
-    SET control = 'running', current_wave = 1, started_at = now(), updated_at = now(),
-        desired_revision = desired_revision + 1
-    WHERE id = $1 AND control = 'draft'
-    RETURNING id
-), opened AS (
-    UPDATE campaign_waves SET opened_at = now()
-    WHERE campaign_id = $1 AND wave = 1 AND EXISTS (SELECT 1 FROM started)
-), targets AS (
-    SELECT DISTINCT gm.terminal_id, fleet_bucket(gm.terminal_id) AS bucket
-    FROM campaign_groups cg
-    JOIN group_members gm ON gm.group_name = cg.group_name
-    WHERE cg.campaign_id = $1 AND EXISTS (SELECT 1 FROM started)
-), created AS (
-    INSERT INTO executions (campaign_id, terminal_id, wave, bucket)
-    SELECT $1, t.terminal_id,
-           (SELECT min(w.wave) FROM campaign_waves w
-            WHERE w.campaign_id = $1 AND w.bucket_hi > t.bucket),
-           t.bucket
-    FROM targets t
-    RETURNING 1
+-- name: campaign_packages
+SELECT p.id, p.name, p.kind, p.version, p.size, p.sha256, p.compatible_models AS models,
+       p.from_versions, p.requires
+FROM campaign_packages cp JOIN packages p ON p.id = cp.package_id
+WHERE cp.campaign_id = $1
+ORDER BY cp.position;
+
+-- name: campaign_waves
+SELECT wave, bucket_hi, soak_s, opened_at FROM campaign_waves WHERE campaign_id = $1 ORDER BY wave;
+
+-- name: mark_started
+UPDATE campaigns
+SET control = 'running', current_wave = 1, started_at = $2::timestamptz, updated_at = $2::timestamptz,
+    desired_revision = desired_revision + 1
+WHERE id = $1 AND control = 'draft'
+RETURNING id;
+
+-- name: candidates
+-- Members of the campaign's groups that have neither an execution nor an exclusion yet,
+-- with what targeting needs; $2 is the source campaign of a rollback (or NULL). A terminal
+-- whose model nobody has told us yet (no hello, not provisioned with one) is not known.
+SELECT t.id, t.model, t.merchant_id, t.timezone, t.versions, t.attributes,
+       fleet_bucket(t.id) AS bucket,
+       (t.boot_id IS NOT NULL OR t.model <> 'unknown') AS known,
+       ($2::bigint IS NULL OR EXISTS (
+           SELECT 1 FROM executions src WHERE src.campaign_id = $2 AND src.terminal_id = t.id
+       )) AS in_source
+FROM terminals t
+WHERE t.id IN (
+    SELECT gm.terminal_id
+    FROM campaign_groups cg JOIN group_members gm ON gm.group_name = cg.group_name
+    WHERE cg.campaign_id = $1)
+  AND NOT EXISTS (SELECT 1 FROM executions e WHERE e.campaign_id = $1 AND e.terminal_id = t.id)
+  AND NOT EXISTS (
+      SELECT 1 FROM campaign_exclusions x WHERE x.campaign_id = $1 AND x.terminal_id = t.id)
+ORDER BY t.id;
+
+-- name: add_executions
+INSERT INTO executions (campaign_id, terminal_id, wave, bucket, updated_at)
+SELECT $1, x.terminal_id, x.wave, x.bucket, $5::timestamptz
+FROM unnest($2::text[], $3::integer[], $4::integer[]) AS x (terminal_id, wave, bucket)
+ON CONFLICT DO NOTHING;
+
+-- name: add_exclusions
+INSERT INTO campaign_exclusions (campaign_id, terminal_id, reason, detail, at)
+SELECT $1, x.terminal_id, x.reason, x.detail, $5::timestamptz
+FROM unnest($2::text[], $3::text[], $4::text[]) AS x (terminal_id, reason, detail)
+ON CONFLICT DO NOTHING;
+
+-- name: exclude_unstarted_of_model
+-- An operator takes a model out: executions the controller still holds (never admitted,
+-- or waiting for a retry or after a postponement) leave the campaign as exclusions.
+WITH gone AS (
+    DELETE FROM executions e
+    USING terminals t
+    WHERE e.campaign_id = $1 AND t.id = e.terminal_id AND t.model = $2
+      AND e.admitted_at IS NULL AND e.state IN ('pending', 'retry_wait', 'deferred')
+    RETURNING e.terminal_id
 )
-SELECT EXISTS (SELECT 1 FROM started) AS started, (SELECT count(*) FROM created)::int AS n;
+INSERT INTO campaign_exclusions (campaign_id, terminal_id, reason, detail, at)
+SELECT $1, terminal_id, 'operator', 'model ' || $2 || ' excluded by an operator', $3::timestamptz FROM gone
+ON CONFLICT DO NOTHING
+RETURNING terminal_id;
+
+-- name: set_target
+UPDATE campaigns SET target = $2 WHERE id = $1;
+
+-- name: exclusion_counts
+SELECT reason, count(*)::int AS n FROM campaign_exclusions WHERE campaign_id = $1
+GROUP BY reason ORDER BY reason;
+
+-- name: exclusions
+SELECT terminal_id, reason, detail FROM campaign_exclusions WHERE campaign_id = $1
+ORDER BY reason, terminal_id LIMIT $2;
 
 -- name: set_control
 -- Operator intent; `from_controls` lists the controls it may change from.
 UPDATE campaigns
-SET control = $2, paused_reason = $3, updated_at = now(),
+SET control = $2, paused_reason = $3, updated_at = $5::timestamptz,
     desired_revision = desired_revision + 1
 WHERE id = $1 AND control = ANY($4::text[])
 RETURNING desired_revision;
 
--- name: cancel_pending_executions
+-- name: cancel_unstarted
+-- Cancel or abort: what the controller still holds ends canceled now; an admitted
+-- execution that has not reported may have its start in flight, so it goes through
+-- canceling. Terminals already under way get a cancel command from the runner.
 UPDATE executions
-SET state = 'canceling', updated_at = now()
-WHERE campaign_id = $1 AND state = 'pending';
+SET state = CASE WHEN admitted_at IS NULL THEN 'canceled' ELSE 'canceling' END,
+    updated_at = $2::timestamptz,
+    finished_at = CASE WHEN admitted_at IS NULL THEN $2::timestamptz END
+WHERE campaign_id = $1
+  AND (state IN ('retry_wait', 'deferred') AND admitted_at IS NULL OR state = 'pending');
 
--- name: finish_canceling
--- A terminal that had not reported within the grace period never saw the campaign active.
+-- name: cancels_to_send
+-- Executions of a canceled or aborted campaign whose terminal may still stop before it
+-- installs, and has not been told yet.
 UPDATE executions
-SET state = 'canceled', updated_at = now(), finished_at = now()
-WHERE campaign_id = $1 AND state = 'canceling' AND updated_at < now() - make_interval(secs => $2)
+SET cancel_sent_at = $2::timestamptz
+WHERE campaign_id = $1 AND cancel_sent_at IS NULL AND admitted_at IS NOT NULL
+  AND state IN ('queued', 'deferred', 'downloading', 'downloaded', 'verifying', 'verified',
+                'unreachable')
 RETURNING terminal_id;
 
--- name: time_out_stale_executions
--- Executions under way that have not moved for too long end as timed_out, through the same
--- transition table as every other change.
+-- name: finish_canceling
+-- A terminal that had not reported within the grace period never saw its start.
+UPDATE executions
+SET state = 'canceled', updated_at = $3::timestamptz, finished_at = $3::timestamptz
+WHERE campaign_id = $1 AND state = 'canceling' AND updated_at < $3::timestamptz - make_interval(secs => $2)
+RETURNING terminal_id;
+
+-- name: expire_deadlines
+-- Executions the terminal holds whose phase has outlasted its deadline end timed_out, or
+-- wait for a retry when the campaign gives timeouts retries; unreachable ones time out
+-- after deadlines.unreachable_s. Through the transition table like every other change.
+WITH c AS (
+    SELECT policy FROM campaigns WHERE id = $1
+), due AS (
+    SELECT e.terminal_id, e.state, coalesce(s.phase, e.state) AS phase,
+           CASE WHEN e.attempt <= (c.policy -> 'retries' ->> 'timeout')::int
+                     AND e.state <> 'unreachable'
+                THEN 'retry_wait' ELSE 'timed_out' END AS outcome
+    FROM executions e JOIN execution_states s ON s.state = e.state, c
+    WHERE e.campaign_id = $1 AND e.admitted_at IS NOT NULL
+      AND (s.phase IS NOT NULL OR e.state = 'unreachable')
+      AND e.phase_since < $2::timestamptz - make_interval(
+          secs => (c.policy -> 'deadlines' ->> (coalesce(s.phase, e.state) || '_s'))::float8)
+)
 UPDATE executions e
-SET state = 'timed_out', stage = coalesce(e.stage, e.state), error_code = 'DEADLINE_EXCEEDED',
-    updated_at = now(), finished_at = now()
-WHERE e.campaign_id = $1
-  AND e.state NOT IN ('pending', 'canceling')
-  AND e.updated_at < now() - make_interval(secs => $2)
+SET state = d.outcome, stage = d.phase, error_code = 'DEADLINE_EXCEEDED',
+    detail = format('%s phase over its deadline (in %s)', d.phase, d.state),
+    updated_at = $2::timestamptz, phase_since = $2::timestamptz, admitted_at = NULL,
+    finished_at = CASE WHEN d.outcome = 'timed_out' THEN $2::timestamptz END,
+    next_attempt_at = CASE WHEN d.outcome = 'retry_wait'
+                           THEN $2::timestamptz + fleet_backoff(c.policy, e.attempt) END
+FROM due d, c
+WHERE e.campaign_id = $1 AND e.terminal_id = d.terminal_id
   AND EXISTS (
-      SELECT 1 FROM state_transitions t WHERE t.from_state = e.state AND t.to_state = 'timed_out')
+      SELECT 1 FROM state_transitions t WHERE t.from_state = e.state AND t.to_state = d.outcome)
+RETURNING e.terminal_id, e.state, d.phase;
+
+-- name: mark_unreachable
+-- A terminal that went offline while it held an update (before it rebooted) is
+-- unreachable, not failed; it resumes from wherever it reports when it is back.
+UPDATE executions e
+SET state = 'unreachable', stage = e.state, updated_at = $2::timestamptz, phase_since = $2::timestamptz, resends = 0
+FROM terminals t, execution_states s
+WHERE e.campaign_id = $1 AND t.id = e.terminal_id AND NOT t.online AND s.state = e.state
+  AND e.admitted_at IS NOT NULL AND s.phase IN ('start', 'download', 'install')
 RETURNING e.terminal_id;
+
+-- name: judge_health
+-- The health gate: an execution in health_check passes once its terminal heartbeats on
+-- every target version (so after its reboot) with an error rate no worse than its
+-- baseline plus the tolerance; a worse rate fails it (or retries, if health retries are
+-- given). Without such a heartbeat it waits; the health deadline ends it.
+WITH c AS (
+    SELECT policy FROM campaigns WHERE id = $1
+), target AS (
+    SELECT jsonb_object_agg(p.name, p.version) AS versions
+    FROM campaign_packages cp JOIN packages p ON p.id = cp.package_id
+    WHERE cp.campaign_id = $1
+), judged AS (
+    SELECT e.terminal_id,
+           fleet_health_number(t.health, 'txn_error_rate') AS rate,
+           coalesce(fleet_health_number(t.health, 'txn_error_rate'), 0)
+               <= coalesce(e.baseline_error_rate, 0)
+                  + (c.policy -> 'health_gate' ->> 'tolerance')::float8 + 1e-9 AS healthy,
+           e.attempt <= (c.policy -> 'retries' ->> 'health')::int AS retry
+    FROM executions e JOIN terminals t ON t.id = e.terminal_id, c, target
+    WHERE e.campaign_id = $1 AND e.state = 'health_check'
+      AND t.heartbeat_at >= e.admitted_at AND t.versions @> target.versions
+)
+UPDATE executions e
+SET state = CASE WHEN j.healthy THEN 'succeeded' WHEN j.retry THEN 'retry_wait' ELSE 'failed' END,
+    stage = CASE WHEN j.healthy THEN e.stage ELSE 'health' END,
+    error_code = CASE WHEN j.healthy THEN NULL ELSE 'HEALTH_DEGRADED' END,
+    detail = format('txn error rate %s, baseline %s', coalesce(j.rate::text, 'none'),
+                    coalesce(e.baseline_error_rate::text, 'none')),
+    updated_at = $2::timestamptz, phase_since = $2::timestamptz,
+    finished_at = CASE WHEN j.healthy OR NOT j.retry THEN $2::timestamptz END,
+    admitted_at = CASE WHEN j.healthy OR NOT j.retry THEN e.admitted_at END,
+    next_attempt_at = CASE WHEN NOT j.healthy AND j.retry
+                           THEN $2::timestamptz + fleet_backoff(c.policy, e.attempt) END
+FROM judged j, c
+WHERE e.campaign_id = $1 AND e.terminal_id = j.terminal_id
+RETURNING e.terminal_id, e.state, j.rate;
+
+-- name: resends_due
+-- The reconciler: a start sent to an online terminal that has not answered, or to an
+-- unreachable terminal that is back online without reporting, is sent again (same
+-- attempt: the terminal re-reports a finished attempt and ignores a running one).
+UPDATE executions e
+SET resends = e.resends + 1, updated_at = $2::timestamptz
+FROM terminals t
+WHERE e.campaign_id = $1 AND t.id = e.terminal_id AND t.online
+  AND e.admitted_at IS NOT NULL
+  AND e.state IN ('pending', 'unreachable')
+  AND e.updated_at < $2::timestamptz - make_interval(secs => $3) AND e.resends < $4
+RETURNING e.terminal_id, e.attempt, e.postpones;
+
+-- name: admission_load
+-- Starts in the last minute (rate limit) and executions downloading or about to (cap).
+SELECT count(*) FILTER (WHERE admitted_at > $2::timestamptz - interval '60 seconds')::int AS recent,
+       count(*) FILTER (WHERE admitted_at IS NOT NULL AND state IN (
+           'pending', 'queued', 'deferred', 'downloading', 'downloaded', 'verifying'))::int
+           AS downloading
+FROM executions WHERE campaign_id = $1;
+
+-- name: admissible_timezones
+-- Time zones of the terminals that could start now; the runner decides which are inside
+-- the maintenance window (fleet/policy.py), in Python, like the plan does.
+SELECT DISTINCT t.timezone
+FROM executions e JOIN terminals t ON t.id = e.terminal_id
+WHERE e.campaign_id = $1 AND e.wave <= $3 AND e.admitted_at IS NULL AND t.online
+  AND (e.state = 'pending' OR (e.state IN ('retry_wait', 'deferred') AND e.next_attempt_at <= $2::timestamptz));
+
+-- name: admit
+-- Admit up to $5 terminals, oldest wave and lowest bucket first, online and in a time
+-- zone whose window is open ($4, or every zone when $4 is NULL).
+WITH picked AS (
+    SELECT e.terminal_id
+    FROM executions e JOIN terminals t ON t.id = e.terminal_id
+    WHERE e.campaign_id = $1 AND e.wave <= $3 AND e.admitted_at IS NULL AND t.online
+      AND (e.state = 'pending'
+           OR (e.state IN ('retry_wait', 'deferred') AND e.next_attempt_at <= $2::timestamptz))
+      AND ($4::text[] IS NULL OR t.timezone = ANY($4::text[]))
+    ORDER BY e.wave, e.bucket, e.terminal_id
+    LIMIT $5
+    FOR UPDATE OF e SKIP LOCKED
+)
+UPDATE executions e
+SET state = 'pending', admitted_at = $2::timestamptz, attempt = e.attempt + 1, phase_since = $2::timestamptz,
+    updated_at = $2::timestamptz, resends = 0, cancel_sent_at = NULL, progress = NULL,
+    next_attempt_at = NULL,
+    versions_before = coalesce(e.versions_before, t.versions),
+    baseline_error_rate = coalesce(e.baseline_error_rate,
+                                   fleet_health_number(t.health, 'txn_error_rate'))
+FROM picked p, terminals t
+WHERE e.campaign_id = $1 AND e.terminal_id = p.terminal_id AND t.id = e.terminal_id
+  AND (e.state = 'pending' OR EXISTS (
+      SELECT 1 FROM state_transitions st WHERE st.from_state = e.state AND st.to_state = 'pending'))
+RETURNING e.terminal_id, e.attempt, e.postpones;
 
 -- name: overlapping_campaigns
 -- Other campaigns, still under way, that target one of this campaign's groups.
@@ -206,37 +440,45 @@ WHERE mine.campaign_id = $1 AND c.id <> $1 AND c.control IN ('running', 'paused'
 -- name: acknowledge_failures
 UPDATE campaigns SET acknowledged_failures = $2 WHERE id = $1;
 
--- name: open_wave
-UPDATE campaigns
-SET current_wave = $2, updated_at = now(), desired_revision = desired_revision + 1
-WHERE id = $1 AND current_wave = $2 - 1 AND control = 'running'
-RETURNING desired_revision;
+-- name: mark_wave_ready
+UPDATE campaigns SET wave_ready_at = $2::timestamptz WHERE id = $1 AND wave_ready_at IS NULL;
 
--- name: mark_wave_opened
-UPDATE campaign_waves SET opened_at = now() WHERE campaign_id = $1 AND wave = $2;
+-- name: open_wave
+WITH opened AS (
+    UPDATE campaigns
+    SET current_wave = $2, updated_at = $3::timestamptz, desired_revision = desired_revision + 1,
+        wave_ready_at = NULL
+    WHERE id = $1 AND current_wave = $2 - 1 AND control = 'running'
+    RETURNING desired_revision
+), marked AS (
+    UPDATE campaign_waves SET opened_at = $3::timestamptz
+    WHERE campaign_id = $1 AND wave = $2 AND EXISTS (SELECT 1 FROM opened)
+)
+SELECT desired_revision FROM opened;
 
 -- name: live_campaigns
-SELECT id, name, control, current_wave, success_threshold, failure_threshold,
-       desired_revision, acknowledged_failures,
+SELECT id, name, control, current_wave, desired_revision, acknowledged_failures, policy,
+       target, wave_ready_at,
        (SELECT count(*) FROM campaign_waves w WHERE w.campaign_id = c.id)::int AS wave_count
 FROM campaigns c
 WHERE control <> 'draft'
 ORDER BY id;
 
 -- name: campaign
-SELECT id, name, control, current_wave, success_threshold, failure_threshold,
-       desired_revision, paused_reason, created_at, started_at,
+SELECT id, name, control, current_wave, desired_revision, paused_reason, created_at,
+       started_at, policy, target, rollback_of, wave_ready_at,
        (SELECT count(*) FROM campaign_waves w WHERE w.campaign_id = c.id)::int AS wave_count
 FROM campaigns c
 WHERE id = $1;
 
+-- name: campaign_groups
+SELECT group_name FROM campaign_groups WHERE campaign_id = $1 ORDER BY group_name;
+
 -- name: campaign_desired
--- Everything a desired-state message needs: ordered packages, open bucket range, and the
--- groups it speaks for: those whose newest started campaign is this one (a group has one
--- retained desired state, so an older campaign must not overwrite a newer one's).
+-- Everything a desired-state message needs: ordered packages and the groups it speaks
+-- for: those whose newest started campaign is this one (a group has one retained desired
+-- state, so an older campaign must not overwrite a newer one's).
 SELECT c.id, c.control, c.desired_revision,
-       coalesce((SELECT w.bucket_hi FROM campaign_waves w
-                 WHERE w.campaign_id = c.id AND w.wave = c.current_wave), 0) AS bucket_hi,
        ARRAY(SELECT g.group_name FROM campaign_groups g
              WHERE g.campaign_id = c.id
                AND NOT EXISTS (
@@ -260,11 +502,47 @@ WHERE w.campaign_id = $1
 GROUP BY w.wave, w.bucket_hi, w.opened_at, e.state
 ORDER BY w.wave, e.state;
 
--- name: log_campaign
-INSERT INTO campaign_log (campaign_id, actor, action, detail) VALUES ($1, $2, $3, $4);
+-- name: audit_head
+-- Serialises appends (the lock lasts until the transaction ends) and returns the tip.
+SELECT pg_advisory_xact_lock(7207001) AS locked,
+       (SELECT id FROM audit_log ORDER BY id DESC LIMIT 1) AS id,
+       (SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1) AS hash;
 
--- name: campaign_log
-SELECT at, actor, action, detail FROM campaign_log WHERE campaign_id = $1 ORDER BY id;
+-- name: audit_insert
+INSERT INTO audit_log (id, at, actor, action, campaign_id, detail, prev_hash, hash)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8);
+
+-- name: audit_page
+SELECT id, at, actor, action, campaign_id, detail, prev_hash, hash
+FROM audit_log WHERE id > $1 ORDER BY id LIMIT $2;
+
+-- name: campaign_audit
+SELECT id, at, actor, action, detail FROM audit_log WHERE campaign_id = $1 ORDER BY id;
 
 -- name: execution_states
 SELECT terminal_id, state, stage, error_code FROM executions WHERE campaign_id = $1;
+
+-- name: executions
+SELECT terminal_id, wave, state, attempt, stage, error_code, detail, package, postpones,
+       admitted_at, phase_since, next_attempt_at, finished_at
+FROM executions WHERE campaign_id = $1 ORDER BY terminal_id;
+
+-- name: plan_terminals
+-- Per wave and time zone, executions not yet final and not yet admitted: what the plan's
+-- ETA still has to schedule.
+SELECT e.wave, t.timezone, count(*)::int AS n
+FROM executions e JOIN terminals t ON t.id = e.terminal_id
+JOIN execution_states s ON s.state = e.state
+WHERE e.campaign_id = $1 AND NOT s.final
+GROUP BY e.wave, t.timezone;
+
+-- name: previous_versions
+-- What the terminals of a campaign ran before it, per bundle package: the versions a
+-- rollback campaign goes back to.
+SELECT p.name, e.versions_before ->> p.name AS version, count(*)::int AS n
+FROM executions e
+JOIN campaign_packages cp ON cp.campaign_id = e.campaign_id
+JOIN packages p ON p.id = cp.package_id
+WHERE e.campaign_id = $1 AND e.versions_before ? p.name
+GROUP BY p.name, e.versions_before ->> p.name
+ORDER BY p.name, n DESC;

@@ -62,6 +62,8 @@ class EventOutcome:
     known: bool
     inserted: bool
     moved: bool
+    #: The state the execution moved to (it may differ from the reported one).
+    new_state: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,11 @@ class LiveCampaign:
     control: str
     current_wave: int
     wave_count: int
-    success_threshold: float
-    failure_threshold: float
     desired_revision: int
     acknowledged_failures: dict[int, int]
+    policy: dict[str, Any]
+    target: dict[str, Any]
+    wave_ready_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,17 @@ class DesiredSource:
     campaign_id: int
     control: str
     revision: int
-    bucket_hi: int
     groups: list[str]
     packages: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A terminal the runner starts (or re-sends a start to)."""
+
+    terminal_id: str
+    attempt: int
+    postpones: int
 
 
 @dataclass(frozen=True)
@@ -157,11 +168,28 @@ class Queries:
         return {r["terminal_id"]: list(r["groups"]) for r in rows}
 
     async def add_package(
-        self, name: str, kind: str, version: str, size: int, sha256: str, models: Sequence[str]
+        self,
+        name: str,
+        kind: str,
+        version: str,
+        size: int,
+        sha256: str,
+        models: Sequence[str],
+        *,
+        from_versions: Sequence[str] = (),
+        requires: dict[str, str] | None = None,
     ) -> int:
         """Register a package; return its id."""
         package_id: int = await self._conn.fetchval(
-            QUERIES["add_package"], name, kind, version, size, sha256, list(models)
+            QUERIES["add_package"],
+            name,
+            kind,
+            version,
+            size,
+            sha256,
+            list(models),
+            list(from_versions),
+            json.dumps(requires or {}),
         )
         return package_id
 
@@ -182,8 +210,14 @@ class Queries:
         error_code: str | None,
         detail: str | None,
         device_ts: float,
+        at: datetime,
+        attempt: int | None = None,
+        package: str | None = None,
     ) -> EventOutcome:
-        """Store one state event idempotently and apply it if it is new and legal."""
+        """Store one state event idempotently and apply it if it is new and legal.
+
+        `at` is the controller's clock, which every campaign deadline compares with.
+        """
         row = await self._conn.fetchrow(
             QUERIES["record_event"],
             msg_id,
@@ -196,16 +230,29 @@ class Queries:
             error_code,
             detail,
             device_ts,
+            at,
+            attempt,
+            package,
         )
         assert row is not None
-        return EventOutcome(known=row["known"], inserted=row["inserted"], moved=row["moved"])
+        return EventOutcome(
+            known=row["known"],
+            inserted=row["inserted"],
+            moved=row["moved"],
+            new_state=row["new_state"],
+        )
 
     async def touch_terminals(
-        self, ids: Sequence[str], seen: Sequence[datetime], versions: Sequence[str]
+        self,
+        ids: Sequence[str],
+        seen: Sequence[datetime],
+        versions: Sequence[str],
+        health: Sequence[str],
+        at: datetime,
     ) -> set[str]:
-        """Coalesce last-seen and versions; return the ids that exist."""
+        """Coalesce last-seen, versions and health; return the ids that exist."""
         rows = await self._conn.fetch(
-            QUERIES["touch_terminals"], list(ids), list(seen), list(versions)
+            QUERIES["touch_terminals"], list(ids), list(seen), list(versions), list(health), at
         )
         return {r["id"] for r in rows}
 
@@ -286,51 +333,198 @@ class Queries:
         groups: Sequence[str],
         package_ids: Sequence[int],
         wave_bucket_his: Sequence[int],
+        wave_soaks: Sequence[float],
         success_threshold: float,
         failure_threshold: float,
+        policy: str,
+        target: str,
+        rollback_of: int | None,
     ) -> int:
         """Create a draft campaign with its groups, ordered packages and waves."""
         campaign_id: int = await self._conn.fetchval(
-            QUERIES["create_campaign"], name, success_threshold, failure_threshold
+            QUERIES["create_campaign"],
+            name,
+            success_threshold,
+            failure_threshold,
+            policy,
+            target,
+            rollback_of,
         )
         await self._conn.execute(QUERIES["add_campaign_groups"], campaign_id, list(groups))
         await self._conn.execute(QUERIES["add_campaign_packages"], campaign_id, list(package_ids))
-        await self._conn.execute(QUERIES["add_campaign_waves"], campaign_id, list(wave_bucket_his))
+        await self._conn.execute(
+            QUERIES["add_campaign_waves"], campaign_id, list(wave_bucket_his), list(wave_soaks)
+        )
         return campaign_id
+
+    async def set_wave_bounds(self, campaign_id: int, bucket_his: Sequence[int]) -> None:
+        """Set every wave's upper bucket bound, wave 1 first."""
+        await self._conn.execute(QUERIES["set_wave_bounds"], campaign_id, list(bucket_his))
 
     async def campaign_by_name(self, name: str) -> int | None:
         """Return a campaign's id by name."""
         campaign_id: int | None = await self._conn.fetchval(QUERIES["campaign_by_name"], name)
         return campaign_id
 
-    async def start_campaign(self, campaign_id: int) -> tuple[bool, int]:
-        """Start a draft campaign: (whether it started, executions created)."""
-        row = await self._conn.fetchrow(QUERIES["start_campaign"], campaign_id)
-        assert row is not None
-        return row["started"], row["n"]
+    async def campaign_packages(self, campaign_id: int) -> list[dict[str, Any]]:
+        """Return the campaign's packages in install order."""
+        rows = await self._conn.fetch(QUERIES["campaign_packages"], campaign_id)
+        return [{**dict(r), "requires": json.loads(r["requires"])} for r in rows]
+
+    async def campaign_waves(self, campaign_id: int) -> list[asyncpg.Record]:
+        """Return the campaign's waves (wave, bucket_hi, soak_s, opened_at)."""
+        return await self._conn.fetch(QUERIES["campaign_waves"], campaign_id)
+
+    async def campaign_groups(self, campaign_id: int) -> list[str]:
+        """Return the campaign's target groups."""
+        rows = await self._conn.fetch(QUERIES["campaign_groups"], campaign_id)
+        return [r["group_name"] for r in rows]
+
+    async def mark_started(self, campaign_id: int, at: datetime) -> bool:
+        """Move a draft campaign to running with wave 1 current; False if not a draft."""
+        return await self._conn.fetchval(QUERIES["mark_started"], campaign_id, at) is not None
+
+    async def candidates(
+        self, campaign_id: int, source_campaign: int | None
+    ) -> list[dict[str, Any]]:
+        """Group members with neither an execution nor an exclusion in the campaign."""
+        rows = await self._conn.fetch(QUERIES["candidates"], campaign_id, source_campaign)
+        return [
+            {
+                **dict(r),
+                "versions": json.loads(r["versions"]),
+                "attributes": json.loads(r["attributes"]),
+            }
+            for r in rows
+        ]
+
+    async def add_executions(
+        self, campaign_id: int, rows: Sequence[tuple[str, int, int]], at: datetime
+    ) -> None:
+        """Create pending executions: (terminal id, wave, bucket)."""
+        await self._conn.execute(
+            QUERIES["add_executions"],
+            campaign_id,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            at,
+        )
+
+    async def add_exclusions(
+        self, campaign_id: int, rows: Sequence[tuple[str, str, str]], at: datetime
+    ) -> None:
+        """Record excluded terminals: (terminal id, reason, detail)."""
+        await self._conn.execute(
+            QUERIES["add_exclusions"],
+            campaign_id,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            at,
+        )
+
+    async def exclude_unstarted_of_model(
+        self, campaign_id: int, model: str, at: datetime
+    ) -> list[str]:
+        """Move the model's not-yet-started executions to exclusions; return them."""
+        rows = await self._conn.fetch(QUERIES["exclude_unstarted_of_model"], campaign_id, model, at)
+        return [r["terminal_id"] for r in rows]
+
+    async def set_target(self, campaign_id: int, target: str) -> None:
+        """Replace the campaign's target filter (JSON)."""
+        await self._conn.execute(QUERIES["set_target"], campaign_id, target)
+
+    async def exclusion_counts(self, campaign_id: int) -> dict[str, int]:
+        """Return exclusions by reason."""
+        rows = await self._conn.fetch(QUERIES["exclusion_counts"], campaign_id)
+        return {r["reason"]: r["n"] for r in rows}
+
+    async def exclusions(self, campaign_id: int, limit: int) -> list[asyncpg.Record]:
+        """Return up to `limit` exclusions (terminal_id, reason, detail)."""
+        return await self._conn.fetch(QUERIES["exclusions"], campaign_id, limit)
 
     async def set_control(
-        self, campaign_id: int, control: str, reason: str | None, from_controls: Sequence[str]
+        self,
+        campaign_id: int,
+        control: str,
+        reason: str | None,
+        from_controls: Sequence[str],
+        at: datetime,
     ) -> int | None:
         """Change a campaign's control; return the new desired revision, None if refused."""
         revision: int | None = await self._conn.fetchval(
-            QUERIES["set_control"], campaign_id, control, reason, list(from_controls)
+            QUERIES["set_control"], campaign_id, control, reason, list(from_controls), at
         )
         return revision
 
-    async def cancel_pending_executions(self, campaign_id: int) -> None:
-        """Mark executions whose terminals have not reported as canceling."""
-        await self._conn.execute(QUERIES["cancel_pending_executions"], campaign_id)
+    async def cancel_unstarted(self, campaign_id: int, at: datetime) -> None:
+        """End what the controller holds as canceled; admitted-but-silent as canceling."""
+        await self._conn.execute(QUERIES["cancel_unstarted"], campaign_id, at)
 
-    async def finish_canceling(self, campaign_id: int, grace_s: float) -> list[str]:
+    async def cancels_to_send(self, campaign_id: int, at: datetime) -> list[str]:
+        """Mark and return the terminals a cancel command must go to."""
+        rows = await self._conn.fetch(QUERIES["cancels_to_send"], campaign_id, at)
+        return [r["terminal_id"] for r in rows]
+
+    async def finish_canceling(self, campaign_id: int, grace_s: float, at: datetime) -> list[str]:
         """End as canceled the canceling executions older than `grace_s`; return them."""
-        rows = await self._conn.fetch(QUERIES["finish_canceling"], campaign_id, grace_s)
+        rows = await self._conn.fetch(QUERIES["finish_canceling"], campaign_id, grace_s, at)
         return [r["terminal_id"] for r in rows]
 
-    async def time_out_stale_executions(self, campaign_id: int, timeout_s: float) -> list[str]:
-        """End as timed_out the executions under way that did not move for `timeout_s`."""
-        rows = await self._conn.fetch(QUERIES["time_out_stale_executions"], campaign_id, timeout_s)
+    async def expire_deadlines(self, campaign_id: int, at: datetime) -> list[asyncpg.Record]:
+        """End executions past their phase deadline; return (terminal_id, state, phase)."""
+        return await self._conn.fetch(QUERIES["expire_deadlines"], campaign_id, at)
+
+    async def mark_unreachable(self, campaign_id: int, at: datetime) -> list[str]:
+        """Mark executions of offline terminals unreachable; return them."""
+        rows = await self._conn.fetch(QUERIES["mark_unreachable"], campaign_id, at)
         return [r["terminal_id"] for r in rows]
+
+    async def judge_health(self, campaign_id: int, at: datetime) -> list[asyncpg.Record]:
+        """Apply the health gate; return (terminal_id, state, rate) of those judged."""
+        return await self._conn.fetch(QUERIES["judge_health"], campaign_id, at)
+
+    async def resends_due(
+        self, campaign_id: int, at: datetime, after_s: float, max_resends: int
+    ) -> list[Admitted]:
+        """Mark and return the starts the reconciler sends again."""
+        rows = await self._conn.fetch(QUERIES["resends_due"], campaign_id, at, after_s, max_resends)
+        return [Admitted(**dict(r)) for r in rows]
+
+    async def admission_load(self, campaign_id: int, at: datetime) -> tuple[int, int]:
+        """Return (starts in the last minute, executions downloading or about to)."""
+        row = await self._conn.fetchrow(QUERIES["admission_load"], campaign_id, at)
+        assert row is not None
+        return row["recent"], row["downloading"]
+
+    async def admissible_timezones(
+        self, campaign_id: int, at: datetime, current_wave: int
+    ) -> list[str]:
+        """Time zones of terminals that could be admitted now."""
+        rows = await self._conn.fetch(
+            QUERIES["admissible_timezones"], campaign_id, at, current_wave
+        )
+        return [r["timezone"] for r in rows]
+
+    async def admit(
+        self,
+        campaign_id: int,
+        at: datetime,
+        current_wave: int,
+        timezones: Sequence[str] | None,
+        limit: int,
+    ) -> list[Admitted]:
+        """Admit up to `limit` terminals in open waves and open windows."""
+        rows = await self._conn.fetch(
+            QUERIES["admit"],
+            campaign_id,
+            at,
+            current_wave,
+            None if timezones is None else list(timezones),
+            limit,
+        )
+        return [Admitted(**dict(r)) for r in rows]
 
     async def overlapping_campaigns(self, campaign_id: int) -> list[str]:
         """Names of other unfinished campaigns sharing a group with this one."""
@@ -345,11 +539,16 @@ class Queries:
             json.dumps({str(wave): n for wave, n in failures.items()}),
         )
 
-    async def open_wave(self, campaign_id: int, wave: int) -> int | None:
+    async def mark_wave_ready(self, campaign_id: int, at: datetime) -> bool:
+        """Note when the current wave met its success threshold; False if already noted."""
+        status = await self._conn.execute(QUERIES["mark_wave_ready"], campaign_id, at)
+        return status.endswith(" 1")
+
+    async def open_wave(self, campaign_id: int, wave: int, at: datetime) -> int | None:
         """Open `wave` if `wave - 1` is current; return the new revision, None if refused."""
-        revision: int | None = await self._conn.fetchval(QUERIES["open_wave"], campaign_id, wave)
-        if revision is not None:
-            await self._conn.execute(QUERIES["mark_wave_opened"], campaign_id, wave)
+        revision: int | None = await self._conn.fetchval(
+            QUERIES["open_wave"], campaign_id, wave, at
+        )
         return revision
 
     async def live_campaigns(self) -> list[LiveCampaign]:
@@ -362,14 +561,23 @@ class Queries:
                     "acknowledged_failures": {
                         int(wave): n for wave, n in json.loads(r["acknowledged_failures"]).items()
                     },
+                    "policy": json.loads(r["policy"]),
+                    "target": json.loads(r["target"]),
                 }
             )
             for r in rows
         ]
 
-    async def campaign(self, campaign_id: int) -> asyncpg.Record | None:
-        """Return a campaign row."""
-        return await self._conn.fetchrow(QUERIES["campaign"], campaign_id)
+    async def campaign(self, campaign_id: int) -> dict[str, Any] | None:
+        """Return a campaign row, its policy and target decoded."""
+        row = await self._conn.fetchrow(QUERIES["campaign"], campaign_id)
+        if row is None:
+            return None
+        return {
+            **dict(row),
+            "policy": json.loads(row["policy"]),
+            "target": json.loads(row["target"]),
+        }
 
     async def campaign_desired(self, campaign_id: int) -> DesiredSource | None:
         """Return what the campaign's desired-state message is made of."""
@@ -380,7 +588,6 @@ class Queries:
             campaign_id=row["id"],
             control=row["control"],
             revision=row["desired_revision"],
-            bucket_hi=row["bucket_hi"],
             groups=list(row["groups"]),
             packages=json.loads(row["packages"]) if row["packages"] else [],
         )
@@ -390,22 +597,65 @@ class Queries:
         rows = await self._conn.fetch(QUERIES["wave_counts"], campaign_id)
         return [WaveRow(**dict(r)) for r in rows]
 
-    async def log_campaign(
-        self, campaign_id: int, actor: str, action: str, detail: dict[str, Any]
+    async def audit_head(self) -> tuple[int, str] | None:
+        """Lock the audit chain for this transaction; return its tip (id, hash)."""
+        row = await self._conn.fetchrow(QUERIES["audit_head"])
+        assert row is not None
+        return None if row["id"] is None else (row["id"], row["hash"])
+
+    async def audit_insert(
+        self,
+        *,
+        entry_id: int,
+        at: datetime,
+        actor: str,
+        action: str,
+        campaign_id: int | None,
+        detail: str,
+        prev_hash: str,
+        entry_hash: str,
     ) -> None:
-        """Record an operator action or automatic decision."""
+        """Append one audit entry (its hash already computed)."""
         await self._conn.execute(
-            QUERIES["log_campaign"], campaign_id, actor, action, json.dumps(detail)
+            QUERIES["audit_insert"],
+            entry_id,
+            at,
+            actor,
+            action,
+            campaign_id,
+            detail,
+            prev_hash,
+            entry_hash,
         )
 
-    async def campaign_log(self, campaign_id: int) -> list[asyncpg.Record]:
-        """Return a campaign's log, oldest first."""
-        return await self._conn.fetch(QUERIES["campaign_log"], campaign_id)
+    async def audit_page(self, after_id: int, limit: int) -> list[asyncpg.Record]:
+        """Return audit entries with id > `after_id`, in order."""
+        return await self._conn.fetch(QUERIES["audit_page"], after_id, limit)
+
+    async def campaign_audit(self, campaign_id: int) -> list[asyncpg.Record]:
+        """Return a campaign's audit entries, oldest first."""
+        return await self._conn.fetch(QUERIES["campaign_audit"], campaign_id)
+
+    async def previous_versions(self, campaign_id: int) -> dict[str, dict[str, int]]:
+        """Return package name -> {version it replaced: terminals}."""
+        rows = await self._conn.fetch(QUERIES["previous_versions"], campaign_id)
+        found: dict[str, dict[str, int]] = {}
+        for r in rows:
+            found.setdefault(r["name"], {})[r["version"]] = r["n"]
+        return found
 
     async def execution_states(self, campaign_id: int) -> dict[str, tuple[str, str | None]]:
         """Return terminal id -> (state, error code) for a campaign."""
         rows = await self._conn.fetch(QUERIES["execution_states"], campaign_id)
         return {r["terminal_id"]: (r["state"], r["error_code"]) for r in rows}
+
+    async def executions(self, campaign_id: int) -> list[asyncpg.Record]:
+        """Return every execution of a campaign with its attempt and timing columns."""
+        return await self._conn.fetch(QUERIES["executions"], campaign_id)
+
+    async def plan_terminals(self, campaign_id: int) -> list[asyncpg.Record]:
+        """Return (wave, timezone, n) of executions not yet final."""
+        return await self._conn.fetch(QUERIES["plan_terminals"], campaign_id)
 
 
 class Repository:
