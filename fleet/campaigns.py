@@ -23,6 +23,8 @@ from fleet.states import FAILURE, FINAL, SUCCESS, ExecState
 from fleet.targeting import Package, Terminal, exclusion
 
 OPERATOR = "operator"
+#: Executions that were never attempts: they count toward neither threshold.
+CANCELED = frozenset({ExecState.CANCELED, ExecState.CANCELING})
 
 # -- operator requests ------------------------------------------------------------------
 
@@ -471,8 +473,12 @@ async def campaign_status(repo: Repository, campaign_id: int) -> CampaignStatus:
 
 
 def success_share(wave: WaveStatus, acknowledged: int) -> tuple[int, int]:
-    """(succeeded, counted) of a wave; failures an operator accepted count neither way."""
-    return wave.count(SUCCESS), wave.size - acknowledged
+    """(succeeded, counted) of a wave.
+
+    Failures an operator accepted by resuming, and canceled executions (never attempts),
+    count neither way.
+    """
+    return wave.count(SUCCESS), wave.size - acknowledged - wave.count(CANCELED)
 
 
 def jsonable(value: datetime | None) -> str | None:

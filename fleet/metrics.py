@@ -44,8 +44,12 @@ MQTT_CONNECTS = Counter(
 )
 CAMPAIGN_DECISIONS = Counter(
     "fleet_campaign_decisions_total",
-    "Automatic campaign decisions, by action (wave_opened, paused_on_failures, ...).",
+    "Automatic campaign decisions, by action (wave_advanced, threshold_tripped, ...).",
     ["action"],
+)
+CAMPAIGN_TICKS = Counter(
+    "fleet_campaign_ticks_total",
+    "Completed evaluations of every live campaign by the runner (its liveness).",
 )
 DESIRED_PUBLISHED = Counter(
     "fleet_desired_published_total",

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from fleet import audit, metrics
 from fleet.campaigns import (
+    CANCELED,
     Enrollment,
     cancel_campaign,
     enroll,
@@ -101,6 +102,8 @@ class CampaignRunner:
                 await self.tick()
             except DatabaseUnavailableError as exc:
                 logger.warning("campaign tick skipped: %s", exc, extra={"action": "tick_skipped"})
+            else:
+                metrics.CAMPAIGN_TICKS.inc()
             self.ticked.set()
             try:
                 async with asyncio.timeout(self._tick_s):
@@ -144,8 +147,8 @@ class CampaignRunner:
         if campaign.control in ("running", "paused"):
             await self._enroll_joiners(campaign, policy)
         await self._expire(campaign)
+        await self._send_cancels(campaign)
         if campaign.control in ("canceled", "aborted"):
-            await self._send_cancels(campaign)
             return
         await self._reconcile(campaign, policy)
         if campaign.control != "running":
@@ -224,7 +227,11 @@ class CampaignRunner:
 
     async def _send_cancels(self, campaign: LiveCampaign) -> None:
         async with self._repo.transaction() as q:
-            terminals = await q.cancels_to_send(campaign.id, as_datetime(self._clock.now()))
+            terminals = await q.cancels_to_send(
+                campaign.id,
+                as_datetime(self._clock.now()),
+                whole_campaign=campaign.control in ("canceled", "aborted"),
+            )
         for terminal_id in terminals:
             await self._command(terminal_id, CommandKind.CANCEL, campaign.id)
 
@@ -255,7 +262,7 @@ class CampaignRunner:
         trip: dict[str, Any] | None = None
         for wave in waves:
             accepted = campaign.acknowledged_failures.get(wave.wave, 0)
-            counted = wave.size - accepted
+            _, counted = success_share(wave, accepted)
             failed = wave.count(FAILURE) - accepted
             if wave.opened and counted > 0 and failed / counted > policy.failure_threshold:
                 trip = {
@@ -268,7 +275,7 @@ class CampaignRunner:
                 break
         if trip is None:
             accepted = sum(campaign.acknowledged_failures.values())
-            counted = sum(w.size for w in waves) - accepted
+            counted = sum(w.size - w.count(CANCELED) for w in waves) - accepted
             failed = sum(w.count(FAILURE) for w in waves) - accepted
             if counted > 0 and failed / counted > policy.cumulative_failure_threshold:
                 trip = {

@@ -211,8 +211,10 @@ async def test_cumulative_threshold_aborts(rig: Rig) -> None:
     assert "campaign: 5 of 40 failed" in (status.paused_reason or "")
     # Terminals told to start and still before installing are told to stop.
     await rig.runner.tick()
+    # Their starts were sent but not answered: they may be in flight, so each terminal
+    # is told to stop, and the execution waits out the grace period as canceling.
     cancels = {c.tid for c in rig.publisher.commands(CommandKind.CANCEL)}
-    assert cancels == set()  # none reported yet: they are canceling, not under way
+    assert cancels == set(wave1[5:])
     states = await rig.states(campaign_id)
     assert {s for t, s in states.items() if t not in wave1[:5]} == {"canceling"}
     rig.clock.advance(31)
@@ -373,7 +375,7 @@ async def test_cancel_lets_a_first_report_in_flight_win(rig: Rig) -> None:
     assert await rig.report(campaign_id, ids[0], "queued") == "queued"
     await rig.runner.tick()
     cancels = {c.tid for c in rig.publisher.commands(CommandKind.CANCEL)}
-    assert cancels == {ids[0], ids[1]}
+    assert cancels == set(ids)
     assert await rig.report(campaign_id, ids[1], "canceled", stage="downloading") == "canceled"
     rig.clock.advance(31)
     await rig.runner.tick()

@@ -233,8 +233,15 @@ ON CONFLICT DO NOTHING;
 
 -- name: exclude_unstarted_of_model
 -- An operator takes a model out: executions the controller still holds (never admitted,
--- or waiting for a retry or after a postponement) leave the campaign as exclusions.
-WITH gone AS (
+-- or waiting for a retry or after a postponement) leave the campaign as exclusions; one
+-- whose start was sent but not answered is canceled (the runner tells the terminal).
+WITH held AS (
+    UPDATE executions e
+    SET state = 'canceling', updated_at = $3::timestamptz
+    FROM terminals t
+    WHERE e.campaign_id = $1 AND t.id = e.terminal_id AND t.model = $2
+      AND e.admitted_at IS NOT NULL AND e.state = 'pending'
+), gone AS (
     DELETE FROM executions e
     USING terminals t
     WHERE e.campaign_id = $1 AND t.id = e.terminal_id AND t.model = $2
@@ -277,13 +284,14 @@ WHERE campaign_id = $1
   AND (state IN ('retry_wait', 'deferred') AND admitted_at IS NULL OR state = 'pending');
 
 -- name: cancels_to_send
--- Executions of a canceled or aborted campaign whose terminal may still stop before it
--- installs, and has not been told yet.
+-- Terminals to tell to stop, once each: a canceling execution's (its start may be in
+-- flight); with $3, every one of a canceled or aborted campaign still before its install.
 UPDATE executions
 SET cancel_sent_at = $2::timestamptz
 WHERE campaign_id = $1 AND cancel_sent_at IS NULL AND admitted_at IS NOT NULL
-  AND state IN ('queued', 'deferred', 'downloading', 'downloaded', 'verifying', 'verified',
-                'unreachable')
+  AND (state = 'canceling'
+       OR ($3 AND state IN ('queued', 'deferred', 'downloading', 'downloaded', 'verifying',
+                            'verified', 'unreachable')))
 RETURNING terminal_id;
 
 -- name: finish_canceling

@@ -462,9 +462,15 @@ class Queries:
         """End what the controller holds as canceled; admitted-but-silent as canceling."""
         await self._conn.execute(QUERIES["cancel_unstarted"], campaign_id, at)
 
-    async def cancels_to_send(self, campaign_id: int, at: datetime) -> list[str]:
-        """Mark and return the terminals a cancel command must go to."""
-        rows = await self._conn.fetch(QUERIES["cancels_to_send"], campaign_id, at)
+    async def cancels_to_send(
+        self, campaign_id: int, at: datetime, *, whole_campaign: bool
+    ) -> list[str]:
+        """Mark and return the terminals a cancel command must go to.
+
+        Always those canceling (their start may be in flight); with `whole_campaign`
+        (canceled, aborted) also every terminal still before its install.
+        """
+        rows = await self._conn.fetch(QUERIES["cancels_to_send"], campaign_id, at, whole_campaign)
         return [r["terminal_id"] for r in rows]
 
     async def finish_canceling(self, campaign_id: int, grace_s: float, at: datetime) -> list[str]:
