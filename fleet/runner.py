@@ -143,6 +143,8 @@ class CampaignRunner:
                     )
 
     async def _step(self, campaign: LiveCampaign) -> None:
+        if campaign.settled:
+            return
         policy = CampaignPolicy.model_validate(campaign.policy)
         if campaign.control in ("running", "paused"):
             await self._enroll_joiners(campaign, policy)
@@ -191,7 +193,9 @@ class CampaignRunner:
         when = as_datetime(at)
         async with self._repo.transaction() as q:
             expired = await q.expire_deadlines(campaign.id, when)
-            lost = await q.mark_unreachable(campaign.id, when)
+            # Only a running campaign waits for its open waves' offline terminals.
+            open_waves = campaign.current_wave if campaign.control == "running" else 0
+            lost = await q.mark_unreachable(campaign.id, when, open_waves)
             judged = await q.judge_health(campaign.id, when)
             canceled = await q.finish_canceling(campaign.id, self._cancel_grace_s, when)
             decisions: list[tuple[str, dict[str, Any], int]] = []

@@ -105,8 +105,9 @@ ALLOWED: dict[ExecState, frozenset[ExecState]] = {
     # self_testing -> backing_up is the next package of an ordered bundle; a terminal's
     # `succeeded` becomes health_check when the campaign has a health gate.
     S.SELF_TESTING: frozenset({S.SUCCEEDED, S.ROLLED_BACK, S.BACKING_UP, S.HEALTH_CHECK}) | _ABORTS,
-    # A terminal that comes back reports where it is; it resumes from there.
-    S.UNREACHABLE: REPORTABLE | frozenset({S.TIMED_OUT, S.HEALTH_CHECK, S.RETRY_WAIT}),
+    # A terminal that comes back reports where it is and resumes from there; one that was
+    # offline before it was ever admitted is admitted when it returns (pending).
+    S.UNREACHABLE: REPORTABLE | frozenset({S.TIMED_OUT, S.HEALTH_CHECK, S.RETRY_WAIT, S.PENDING}),
     # Waiting for the next attempt: the controller re-admits it (pending); a late report
     # of the previous attempt still wins, as after unreachable.
     S.RETRY_WAIT: REPORTABLE | frozenset({S.PENDING, S.HEALTH_CHECK}),

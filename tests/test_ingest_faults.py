@@ -88,7 +88,8 @@ async def test_spoofed_malformed_oversized_and_replayed_input(
             states = await q.execution_states(campaign_id)
         assert dead == {"invalid": 1, "malformed": 1, "tid_mismatch": 1, "too_large": 1}
         assert sorted(r["msg_id"] for r in events) == sorted([first.msg_id, second.msg_id])
-        assert states["T2"][0] == "pending", "the spoofed event moved T2"
+        # T2 never connected, so the runner marks it unreachable; no event of its stored.
+        assert states["T2"][0] in {"pending", "unreachable"}, "the spoofed event moved T2"
         for reason, count in before.items():
             assert _rejected(reason) == count + 1, reason
 

@@ -281,7 +281,8 @@ SET state = CASE WHEN admitted_at IS NULL THEN 'canceled' ELSE 'canceling' END,
     updated_at = $2::timestamptz,
     finished_at = CASE WHEN admitted_at IS NULL THEN $2::timestamptz END
 WHERE campaign_id = $1
-  AND (state IN ('retry_wait', 'deferred') AND admitted_at IS NULL OR state = 'pending');
+  AND (state IN ('retry_wait', 'deferred', 'unreachable') AND admitted_at IS NULL
+       OR state = 'pending');
 
 -- name: cancels_to_send
 -- Terminals to tell to stop, once each: a canceling execution's (its start may be in
@@ -313,8 +314,8 @@ WITH c AS (
                      AND e.state <> 'unreachable'
                 THEN 'retry_wait' ELSE 'timed_out' END AS outcome
     FROM executions e JOIN execution_states s ON s.state = e.state, c
-    WHERE e.campaign_id = $1 AND e.admitted_at IS NOT NULL
-      AND (s.phase IS NOT NULL OR e.state = 'unreachable')
+    WHERE e.campaign_id = $1
+      AND (e.admitted_at IS NOT NULL AND s.phase IS NOT NULL OR e.state = 'unreachable')
       AND e.phase_since < $2::timestamptz - make_interval(
           secs => (c.policy -> 'deadlines' ->> (coalesce(s.phase, e.state) || '_s'))::float8)
 )
@@ -333,12 +334,16 @@ RETURNING e.terminal_id, e.state, d.phase;
 
 -- name: mark_unreachable
 -- A terminal that went offline while it held an update (before it rebooted) is
--- unreachable, not failed; it resumes from wherever it reports when it is back.
+-- unreachable, not failed; it resumes from wherever it reports when it is back. One that
+-- is offline when its wave is open ($3: the current wave) is unreachable too, so the
+-- operator sees it and its deadline runs; it is admitted when it returns.
 UPDATE executions e
-SET state = 'unreachable', stage = e.state, updated_at = $2::timestamptz, phase_since = $2::timestamptz, resends = 0
+SET state = 'unreachable', stage = e.state, updated_at = $2::timestamptz,
+    phase_since = $2::timestamptz, resends = 0
 FROM terminals t, execution_states s
 WHERE e.campaign_id = $1 AND t.id = e.terminal_id AND NOT t.online AND s.state = e.state
-  AND e.admitted_at IS NOT NULL AND s.phase IN ('start', 'download', 'install')
+  AND (e.admitted_at IS NOT NULL AND s.phase IN ('start', 'download', 'install')
+       OR e.admitted_at IS NULL AND e.state = 'pending' AND e.wave <= $3)
 RETURNING e.terminal_id;
 
 -- name: judge_health
@@ -405,7 +410,8 @@ FROM executions WHERE campaign_id = $1;
 SELECT DISTINCT t.timezone
 FROM executions e JOIN terminals t ON t.id = e.terminal_id
 WHERE e.campaign_id = $1 AND e.wave <= $3 AND e.admitted_at IS NULL AND t.online
-  AND (e.state = 'pending' OR (e.state IN ('retry_wait', 'deferred') AND e.next_attempt_at <= $2::timestamptz));
+  AND (e.state IN ('pending', 'unreachable')
+       OR (e.state IN ('retry_wait', 'deferred') AND e.next_attempt_at <= $2::timestamptz));
 
 -- name: admit
 -- Admit up to $5 terminals, oldest wave and lowest bucket first, online and in a time
@@ -414,7 +420,7 @@ WITH picked AS (
     SELECT e.terminal_id
     FROM executions e JOIN terminals t ON t.id = e.terminal_id
     WHERE e.campaign_id = $1 AND e.wave <= $3 AND e.admitted_at IS NULL AND t.online
-      AND (e.state = 'pending'
+      AND (e.state IN ('pending', 'unreachable')
            OR (e.state IN ('retry_wait', 'deferred') AND e.next_attempt_at <= $2::timestamptz))
       AND ($4::text[] IS NULL OR t.timezone = ANY($4::text[]))
     ORDER BY e.wave, e.bucket, e.terminal_id
@@ -465,11 +471,17 @@ WITH opened AS (
 SELECT desired_revision FROM opened;
 
 -- name: live_campaigns
+-- Every started campaign; `settled` ones (every wave open, every execution final) have
+-- nothing left to decide, and no longer enroll joiners.
 SELECT id, name, control, current_wave, desired_revision, acknowledged_failures, policy,
-       target, wave_ready_at,
-       (SELECT count(*) FROM campaign_waves w WHERE w.campaign_id = c.id)::int AS wave_count
-FROM campaigns c
-WHERE control <> 'draft'
+       target, wave_ready_at, wave_count,
+       current_wave >= wave_count AND NOT EXISTS (
+           SELECT 1 FROM executions e JOIN execution_states s ON s.state = e.state
+           WHERE e.campaign_id = c.id AND NOT s.final) AS settled
+FROM (SELECT c.*,
+             (SELECT count(*) FROM campaign_waves w WHERE w.campaign_id = c.id)::int
+                 AS wave_count
+      FROM campaigns c WHERE c.control <> 'draft') c
 ORDER BY id;
 
 -- name: campaign

@@ -80,6 +80,8 @@ class LiveCampaign:
     policy: dict[str, Any]
     target: dict[str, Any]
     wave_ready_at: datetime | None
+    #: Every wave open and every execution final: nothing left to decide.
+    settled: bool = False
 
 
 @dataclass(frozen=True)
@@ -482,9 +484,11 @@ class Queries:
         """End executions past their phase deadline; return (terminal_id, state, phase)."""
         return await self._conn.fetch(QUERIES["expire_deadlines"], campaign_id, at)
 
-    async def mark_unreachable(self, campaign_id: int, at: datetime) -> list[str]:
+    async def mark_unreachable(
+        self, campaign_id: int, at: datetime, current_wave: int
+    ) -> list[str]:
         """Mark executions of offline terminals unreachable; return them."""
-        rows = await self._conn.fetch(QUERIES["mark_unreachable"], campaign_id, at)
+        rows = await self._conn.fetch(QUERIES["mark_unreachable"], campaign_id, at, current_wave)
         return [r["terminal_id"] for r in rows]
 
     async def judge_health(self, campaign_id: int, at: datetime) -> list[asyncpg.Record]:

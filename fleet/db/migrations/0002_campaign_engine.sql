@@ -196,6 +196,7 @@ INSERT INTO state_transitions (from_state, to_state) VALUES
     ('unreachable', 'failed'),
     ('unreachable', 'health_check'),
     ('unreachable', 'installing'),
+    ('unreachable', 'pending'),
     ('unreachable', 'queued'),
     ('unreachable', 'rebooting'),
     ('unreachable', 'rejected'),
