@@ -1,9 +1,12 @@
-"""The docs stay true to the code: every setting documented, bucket vectors published."""
+"""The docs stay true to the code: settings, states, reasons and vectors all documented."""
 
 from pathlib import Path
 
-from fleet.protocol import RejectReason
+from fleet.policy import FAILURE_CLASSES
+from fleet.protocol import CommandKind, RejectReason
 from fleet.settings import FleetSettings
+from fleet.states import PHASE, ExecState
+from fleet.targeting import Exclusion
 from tests.test_protocol import BUCKET_VECTORS
 
 DOCS = Path(__file__).parent.parent / "docs"
@@ -25,3 +28,21 @@ def test_every_reject_reason_is_documented() -> None:
     text = (DOCS / "protocol.md").read_text()
     for reason in RejectReason:
         assert f"`{reason.value}`" in text
+
+
+def test_operations_maps_every_state_and_names_every_exclusion_and_retry_class() -> None:
+    text = (DOCS / "operations.md").read_text()
+    for state in ExecState:
+        assert f"| `{state.value}` |" in text, state
+    for reason in Exclusion:
+        assert f"`{reason.value}`" in text, reason
+    for failure_class in FAILURE_CLASSES:
+        assert f"`{failure_class}`" in text, failure_class
+    for phase in {p for p in PHASE.values() if p is not None}:
+        assert f"`{phase}`" in text, phase
+
+
+def test_protocol_names_every_command() -> None:
+    text = (DOCS / "protocol.md").read_text()
+    for kind in CommandKind:
+        assert f"`{kind.value}`" in text, kind
