@@ -285,6 +285,8 @@ class Terminal:
         # campaign ids are in `_jobs`).
         self._highest: dict[int, int] = {}
         self._held: dict[int, _Admission] = {}
+        # A newer start of the campaign that is running, taken once the running one ends.
+        self._after_running: _Admission | None = None
         self._admitted: dict[int, _Admission] = {}
         self._jobs: asyncio.Queue[int] = asyncio.Queue(_QUEUE_MAX)
         self._running: _Admission | None = None
@@ -444,13 +446,15 @@ class Terminal:
         await self._publish_heartbeat()
 
     async def _announce(self) -> None:
-        """Tell the controller who we are, and listen; raises `LinkLostError`.
+        """Listen, then tell the controller who we are; raises `LinkLostError`.
 
-        The controller answers a hello with the authoritative groups command.
+        Subscribing first matters: the controller answers a hello with the authoritative
+        groups command and may admit the terminal to a campaign at once; a command
+        published before the subscription exists would be lost on a new session.
         """
+        await self._subscribe_all()
         await self._publish_hello(wait=False)
         await self._publish_presence(online=True, wait=False)
-        await self._subscribe_all()
 
     async def _announce_or_leave_it(self) -> None:
         try:
@@ -695,7 +699,11 @@ class Terminal:
                     logger.warning("%s: reply queue full, not repeating c%d", self.tid, cid)
             return
         if self._running_campaign == cid:
-            logger.info("%s: c%d attempt %d still running", self.tid, cid, attempt)
+            # The controller gave up on the running attempt (a deadline) while it is still
+            # under way here: finish it, then run the newer one.
+            logger.info("%s: c%d attempt %d waits for the running one", self.tid, cid, attempt)
+            self._highest[cid] = attempt
+            self._after_running = admission
             return
         self._highest[cid] = attempt
         if len(self._highest) > _CAMPAIGNS_MAX:
@@ -711,6 +719,8 @@ class Terminal:
             self._hold(admission)
 
     def _on_cancel(self, cid: int) -> None:
+        if self._after_running is not None and self._after_running.campaign_id == cid:
+            self._after_running = None
         if self._running_campaign == cid:
             self._cancel_requested = True
             self._wake.set()
@@ -797,6 +807,9 @@ class Terminal:
             finally:
                 self._running = None
                 self._cancel_requested = False
+            following, self._after_running = self._after_running, None
+            if following is not None and following.campaign_id == job:
+                self._enqueue(following)
 
     async def _update(self, admission: _Admission, desired: DesiredState) -> None:
         record = CampaignRecord(

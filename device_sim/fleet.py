@@ -328,7 +328,8 @@ class Simulator:
         """Summarise the run: final states, update durations and the data-integrity check.
 
         Per campaign, `attempts` counts every attempt (a postponed or failed one and its
-        successor count twice); `final` counts the final states reported, and
+        successor count twice); `final` counts the final states reported, `outcome` each
+        terminal's latest final state, and
         `postponed`, `abandoned` (canceled before installing) and `in_progress` the rest.
         """
         campaigns: dict[str, dict[str, Any]] = {}
@@ -352,9 +353,14 @@ class Simulator:
                 for r in records
                 if r.final_state is not None and r.duration_s is not None
             ]
+            outcome = collections.Counter(
+                r.final_state.value for r in self.campaign_records(cid) if r.final_state
+            )
             campaigns[str(cid)] = {
                 "attempts": len(records),
                 "final": dict(sorted(finals.items())),
+                # Each terminal once: the final state of its latest attempt.
+                "outcome": dict(sorted(outcome.items())),
                 "abandoned": sum(r.abandoned for r in records),
                 "postponed": sum(r.postponed for r in records),
                 "in_progress": sum(not r.settled for r in records),

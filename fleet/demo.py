@@ -216,7 +216,8 @@ async def _summarise(
     async with repo.connection() as q:
         states = await q.execution_states(campaign_id)
     db_counts = Counter(state for state, _ in states.values())
-    sim_counts: dict[str, int] = report["campaigns"].get(str(campaign_id), {}).get("final", {})
+    # Each terminal's latest attempt: a retried failure is not an outcome.
+    sim_counts: dict[str, int] = report["campaigns"].get(str(campaign_id), {}).get("outcome", {})
     finals = {s.value for s in FINAL}
     db_final = sum(n for state, n in db_counts.items() if state in finals)
     print()
