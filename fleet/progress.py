@@ -28,13 +28,13 @@ def render_status(status: CampaignStatus) -> str:
         f" (wave {status.current_wave}/{len(status.waves)})"
         + (
             f" - {status.paused_reason}"
-            if status.status == "paused" and status.paused_reason
+            if status.status in ("paused", "aborted") and status.paused_reason
             else ""
         )
     ]
     for wave in status.waves:
         success = wave.count(SUCCESS)
-        failure = wave.count(FAILURE)
+        failure = wave.count(FAILURE & FINAL)
         done = wave.count(FINAL)
         mark = ">" if wave.opened else " "
         counts = " ".join(
@@ -46,4 +46,8 @@ def render_status(status: CampaignStatus) -> str:
     lines.append(
         "  total " + " ".join(f"{state}={totals[state]}" for state in _ORDER if totals.get(state))
     )
+    if status.excluded:
+        lines.append(
+            "  excluded " + " ".join(f"{r}={n}" for r, n in sorted(status.excluded.items()))
+        )
     return "\n".join(lines)
