@@ -1,10 +1,11 @@
 """The audit log: every operator action and automatic decision, hash-chained.
 
-Each entry's hash is SHA-256 over the previous entry's hash and the entry's canonical JSON
-(id, time, actor, action, campaign, detail). Ids are consecutive, so editing, inserting or
-deleting a row anywhere but the tip breaks the chain; publish `AuditVerdict.head_hash`
-somewhere else (a ticket, a log shipper) to pin the tip as well. Appends take a
-transaction-scoped lock, so the chain has one order even with several writers.
+Each entry's hash is SHA-256 over the previous entry's hash and the entry's canonical
+text (id, time, actor, action, campaign as JSON, then the detail's JSON). Ids are
+consecutive, so editing, inserting or deleting a row anywhere but the tip breaks the
+chain; publish `AuditVerdict.head_hash` somewhere else (a ticket, a log shipper) to pin
+the tip as well. Appends take a transaction-scoped lock, so the chain has one order even
+with several writers.
 """
 
 import hashlib
@@ -26,22 +27,19 @@ def canonical(
     actor: str,
     action: str,
     campaign_id: int | None,
-    detail: dict[str, Any],
+    detail: str,
 ) -> str:
-    """The exact text an entry's hash covers."""
-    return json.dumps(
-        {
-            "id": entry_id,
-            "at": at.isoformat(),
-            "actor": actor,
-            "action": action,
-            "campaign_id": campaign_id,
-            "detail": detail,
-        },
-        sort_keys=True,
+    """The exact text an entry's hash covers: its fields as JSON, a newline, the detail.
+
+    `detail` is stored as the very text hashed, so no database normalisation (of floats,
+    of key order) can make an untouched entry fail to verify.
+    """
+    fields = json.dumps(
+        [entry_id, at.isoformat(), actor, action, campaign_id],
         separators=(",", ":"),
         ensure_ascii=False,
     )
+    return f"{fields}\n{detail}"
 
 
 def chain_hash(prev_hash: str, body: str) -> str:
@@ -65,16 +63,15 @@ async def append(
     head = await q.audit_head()
     entry_id, prev = (1, GENESIS) if head is None else (head[0] + 1, head[1])
     when = as_datetime(at)
-    # Round-trip through JSON so the stored jsonb decodes to exactly what was hashed.
-    payload: dict[str, Any] = json.loads(json.dumps(detail or {}))
-    digest = chain_hash(prev, canonical(entry_id, when, actor, action, campaign_id, payload))
+    text = json.dumps(detail or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = chain_hash(prev, canonical(entry_id, when, actor, action, campaign_id, text))
     await q.audit_insert(
         entry_id=entry_id,
         at=when,
         actor=actor,
         action=action,
         campaign_id=campaign_id,
-        detail=json.dumps(payload),
+        detail=text,
         prev_hash=prev,
         entry_hash=digest,
     )
@@ -118,7 +115,7 @@ async def verify(repo: Repository) -> AuditVerdict:
                         row["actor"],
                         row["action"],
                         row["campaign_id"],
-                        json.loads(row["detail"]),
+                        row["detail"],
                     )
                     if chain_hash(prev, body) != row["hash"]:
                         problem = "content does not match its hash"

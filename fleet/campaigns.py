@@ -6,11 +6,9 @@ the audit log in the same transaction as the change it records.
 """
 
 import itertools
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from fleet import audit
@@ -18,7 +16,7 @@ from fleet.clock import Clock, as_datetime
 from fleet.db.repository import Queries, Repository, WaveRow
 from fleet.errors import CampaignError, NotFoundError
 from fleet.policy import CampaignPolicy, TargetFilter
-from fleet.protocol import BUCKETS, KIND_ORDER, MAX_PACKAGES, PackageKind, bucket_of
+from fleet.protocol import BUCKETS, KIND_ORDER, MAX_PACKAGES, PackageKind
 from fleet.states import FAILURE, FINAL, SUCCESS, ExecState
 from fleet.targeting import Package, Terminal, exclusion
 
@@ -112,26 +110,30 @@ class Enrollment:
         return {"added": self.added, "excluded": self.excluded}
 
 
-async def enroll(
-    q: Queries, campaign_id: int, policy: CampaignPolicy, target: TargetFilter, at: float
-) -> Enrollment:
-    """Target the group members not yet in the campaign: executions or exclusions.
+@dataclass(frozen=True)
+class Verdicts:
+    """Group members not yet in a campaign, judged: in, out (and why), or not known yet."""
 
-    Runs at start and on every runner tick, so a terminal that joins a group while the
-    campaign is under way takes part (in the wave its bucket falls into). A member whose
-    model and versions are not known yet is left for a later pass, after its first hello:
-    judging it on guesses would exclude (or include) it wrongly.
+    included: list[dict[str, Any]]
+    excluded: list[tuple[str, str, str]]
+    #: Members whose inventory is unknown yet (no hello): judged once it arrives.
+    awaiting: list[dict[str, Any]]
+
+
+async def judge(
+    q: Queries, campaign_id: int, policy: CampaignPolicy, target: TargetFilter
+) -> Verdicts:
+    """Judge the members of the campaign's groups that have no execution or exclusion yet.
+
+    A member whose model and versions are not known yet is left for a later pass, after
+    its first hello: judging it on guesses would exclude (or include) it wrongly.
     """
-    members = await q.candidates(campaign_id, target.from_campaign)
-    candidates = [m for m in members if m["known"]]
-    awaiting = len(members) - len(candidates)
-    if not candidates:
-        return Enrollment(0, {}, awaiting)
     bundle = [Package.from_row(p) for p in await q.campaign_packages(campaign_id)]
-    bounds = [w["bucket_hi"] for w in await q.campaign_waves(campaign_id)]
-    included: list[tuple[str, int, int]] = []
-    excluded: list[tuple[str, str, str]] = []
-    for row in candidates:
+    verdicts = Verdicts([], [], [])
+    for row in await q.candidates(campaign_id, target.from_campaign):
+        if not row["known"]:
+            verdicts.awaiting.append(row)
+            continue
         verdict = exclusion(
             Terminal(
                 id=row["id"],
@@ -146,20 +148,41 @@ async def enroll(
             in_source_campaign=row["in_source"],
         )
         if verdict is None:
-            bucket = row["bucket"]
-            wave = next(n for n, hi in enumerate(bounds, 1) if bucket < hi)
-            included.append((row["id"], wave, bucket))
+            verdicts.included.append(row)
         else:
-            excluded.append((row["id"], verdict[0].value, verdict[1]))
+            verdicts.excluded.append((row["id"], verdict[0].value, verdict[1]))
+    return verdicts
+
+
+async def enroll(
+    q: Queries, campaign_id: int, policy: CampaignPolicy, target: TargetFilter, at: float
+) -> Enrollment:
+    """Target the group members not yet in the campaign: executions or exclusions.
+
+    Runs at start and on every runner tick, so a terminal that joins a group while the
+    campaign is under way takes part (in the wave its bucket falls into).
+    """
+    verdicts = await judge(q, campaign_id, policy, target)
+    if not verdicts.included and not verdicts.excluded:
+        return Enrollment(0, {}, len(verdicts.awaiting))
+    bounds = [w["bucket_hi"] for w in await q.campaign_waves(campaign_id)]
+    included = [
+        (row["id"], wave_of(row["bucket"], bounds), row["bucket"]) for row in verdicts.included
+    ]
     when = as_datetime(at)
     if included:
         await q.add_executions(campaign_id, included, when)
-    if excluded:
-        await q.add_exclusions(campaign_id, excluded, when)
+    if verdicts.excluded:
+        await q.add_exclusions(campaign_id, verdicts.excluded, when)
     reasons: dict[str, int] = defaultdict(int)
-    for _, reason, _ in excluded:
+    for _, reason, _ in verdicts.excluded:
         reasons[reason] += 1
-    return Enrollment(len(included), dict(reasons), awaiting)
+    return Enrollment(len(included), dict(reasons), len(verdicts.awaiting))
+
+
+def wave_of(bucket: int, bounds: Sequence[int]) -> int:
+    """The wave (1-based) whose bucket range holds `bucket`."""
+    return next(n for n, hi in enumerate(bounds, 1) if bucket < hi)
 
 
 def count_wave_bounds(policy: CampaignPolicy, buckets: Sequence[int]) -> list[int]:
@@ -195,10 +218,10 @@ async def start_campaign(
         policy = CampaignPolicy.model_validate(campaign["policy"])
         target = TargetFilter.model_validate(campaign["target"])
         if policy.waves[0].count is not None:
-            members = await q.candidates(campaign_id, target.from_campaign)
-            await q.set_wave_bounds(
-                campaign_id, count_wave_bounds(policy, [bucket_of(m["id"]) for m in members])
-            )
+            # Counts are of terminals taking part (those awaiting inventory likely will).
+            verdicts = await judge(q, campaign_id, policy, target)
+            buckets = [r["bucket"] for r in (*verdicts.included, *verdicts.awaiting)]
+            await q.set_wave_bounds(campaign_id, count_wave_bounds(policy, buckets))
         enrollment = await enroll(q, campaign_id, policy, target, now)
         await audit.append(
             q,
@@ -252,7 +275,9 @@ async def resume_campaign(
         if revision is None:
             raise CampaignError("not_paused", f"campaign {campaign_id} is not paused")
         waves = wave_statuses(await q.wave_counts(campaign_id), current_wave=0)
-        accepted = {w.wave: w.count(FAILURE) for w in waves if w.count(FAILURE)}
+        # Final failures only: one waiting for its retry may still succeed.
+        final_failures = FAILURE & FINAL
+        accepted = {w.wave: w.count(final_failures) for w in waves if w.count(final_failures)}
         await q.acknowledge_failures(campaign_id, accepted)
         await audit.append(
             q,
@@ -479,13 +504,3 @@ def success_share(wave: WaveStatus, acknowledged: int) -> tuple[int, int]:
     count neither way.
     """
     return wave.count(SUCCESS), wave.size - acknowledged - wave.count(CANCELED)
-
-
-def jsonable(value: datetime | None) -> str | None:
-    """A timestamp for JSON output."""
-    return None if value is None else value.isoformat()
-
-
-def dumps(value: Any) -> str:  # noqa: ANN401 - any JSON value
-    """Compact JSON for CLI output."""
-    return json.dumps(value, separators=(",", ":"), default=str)

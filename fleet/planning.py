@@ -12,13 +12,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from fleet.campaigns import count_wave_bounds
+from fleet.campaigns import count_wave_bounds, judge, wave_of
 from fleet.clock import Clock, as_datetime
 from fleet.db.repository import Repository
 from fleet.errors import NotFoundError
 from fleet.policy import CampaignPolicy, TargetFilter, zone
-from fleet.protocol import bucket_of
-from fleet.targeting import Package, Terminal, exclusion
 
 #: The ETA's time step; the runner's rate limit counts starts per minute.
 STEP_S = 60.0
@@ -94,49 +92,21 @@ async def plan_campaign(repo: Repository, clock: Clock, campaign_id: int) -> Pla
         waves: dict[int, Counter[str]] = defaultdict(Counter)
         sample: list[dict[str, str]] = []
         if campaign["control"] == "draft":
-            bundle = [Package.from_row(p) for p in await q.campaign_packages(campaign_id)]
-            excluded: Counter[str] = Counter()
-            included = []
-            awaiting = 0
-            for row in await q.candidates(campaign_id, target.from_campaign):
-                if not row["known"]:
-                    # Judged after its first hello; planned as taking part.
-                    awaiting += 1
-                    included.append(row)
-                    continue
-                verdict = exclusion(
-                    Terminal(
-                        row["id"],
-                        row["model"],
-                        row["merchant_id"],
-                        row["versions"],
-                        row["attributes"],
-                    ),
-                    target,
-                    bundle,
-                    allow_downgrade=policy.allow_downgrade,
-                    in_source_campaign=row["in_source"],
-                )
-                if verdict is None:
-                    included.append(row)
-                else:
-                    excluded[verdict[0].value] += 1
-                    if len(sample) < _SAMPLE:
-                        sample.append(
-                            {
-                                "terminal": row["id"],
-                                "reason": verdict[0].value,
-                                "detail": verdict[1],
-                            }
-                        )
+            verdicts = await judge(q, campaign_id, policy, target)
+            # Members awaiting their first hello are planned as taking part.
+            taking_part = [*verdicts.included, *verdicts.awaiting]
             bounds = [w["bucket_hi"] for w in await q.campaign_waves(campaign_id)]
             if policy.waves[0].count is not None:
-                bounds = count_wave_bounds(policy, [bucket_of(r["id"]) for r in included])
-            for row in included:
-                wave = next(n for n, hi in enumerate(bounds, 1) if bucket_of(row["id"]) < hi)
-                waves[wave][row["timezone"]] += 1
+                bounds = count_wave_bounds(policy, [r["bucket"] for r in taking_part])
+            for row in taking_part:
+                waves[wave_of(row["bucket"], bounds)][row["timezone"]] += 1
+            excluded_counts = dict(Counter(reason for _, reason, _ in verdicts.excluded))
+            sample = [
+                {"terminal": tid, "reason": reason, "detail": detail}
+                for tid, reason, detail in verdicts.excluded[:_SAMPLE]
+            ]
             current_wave, ready_at = 0, None
-            excluded_counts = dict(excluded)
+            awaiting = len(verdicts.awaiting)
         else:
             for counted in await q.plan_terminals(campaign_id):
                 waves[counted["wave"]][counted["timezone"]] += counted["n"]

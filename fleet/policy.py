@@ -157,7 +157,7 @@ class CampaignPolicy(_Frozen):
     success_threshold: Fraction = 0.9
     #: Share of one wave whose failure trips the threshold action.
     failure_threshold: Fraction = 0.1
-    #: Share of all opened waves together whose failure trips it.
+    #: Share of the whole campaign (every wave's executions) whose failure trips it.
     cumulative_failure_threshold: Fraction = 0.05
     threshold_action: Literal["pause", "abort"] = "pause"
     health_gate: HealthGate = Field(default_factory=HealthGate)

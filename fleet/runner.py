@@ -196,6 +196,7 @@ class CampaignRunner:
             # Only a running campaign waits for its open waves' offline terminals.
             open_waves = campaign.current_wave if campaign.control == "running" else 0
             lost = await q.mark_unreachable(campaign.id, when, open_waves)
+            await q.back_online(campaign.id, when)
             judged = await q.judge_health(campaign.id, when)
             canceled = await q.finish_canceling(campaign.id, self._cancel_grace_s, when)
             decisions: list[tuple[str, dict[str, Any], int]] = []
@@ -267,7 +268,7 @@ class CampaignRunner:
         for wave in waves:
             accepted = campaign.acknowledged_failures.get(wave.wave, 0)
             _, counted = success_share(wave, accepted)
-            failed = wave.count(FAILURE) - accepted
+            failed = max(0, wave.count(FAILURE) - accepted)
             if wave.opened and counted > 0 and failed / counted > policy.failure_threshold:
                 trip = {
                     "scope": f"wave {wave.wave}",
@@ -280,7 +281,7 @@ class CampaignRunner:
         if trip is None:
             accepted = sum(campaign.acknowledged_failures.values())
             counted = sum(w.size - w.count(CANCELED) for w in waves) - accepted
-            failed = sum(w.count(FAILURE) for w in waves) - accepted
+            failed = max(0, sum(w.count(FAILURE) for w in waves) - accepted)
             if counted > 0 and failed / counted > policy.cumulative_failure_threshold:
                 trip = {
                     "scope": "campaign",

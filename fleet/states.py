@@ -82,12 +82,15 @@ _CANCELABLE = frozenset({S.CANCELED})
 ALLOWED: dict[ExecState, frozenset[ExecState]] = {
     # A pending execution the controller has not admitted yet ends canceled at once; one
     # whose start command may be in flight goes through canceling.
-    S.PENDING: _FIRST_REPORTS | _ABORTS | {S.CANCELING, S.CANCELED},
+    S.PENDING: _FIRST_REPORTS | _ABORTS | {S.CANCELING, S.CANCELED, S.HEALTH_CHECK},
     # Cancel asked while the terminal had not reported: its first report may still be in
     # flight (it saw the campaign before the cancel) and wins; otherwise the runner ends
     # the execution as canceled after a grace period.
-    S.CANCELING: _FIRST_REPORTS | _ABORTS | _CANCELABLE,
-    S.QUEUED: frozenset({S.DEFERRED, S.DOWNLOADING, S.REJECTED, S.ALREADY_INSTALLED})
+    S.CANCELING: _FIRST_REPORTS | _ABORTS | _CANCELABLE | {S.HEALTH_CHECK},
+    # -> health_check: already_installed on a retry, whose earlier attempt may have installed.
+    S.QUEUED: frozenset(
+        {S.DEFERRED, S.DOWNLOADING, S.REJECTED, S.ALREADY_INSTALLED, S.HEALTH_CHECK}
+    )
     | _ABORTS
     | _CANCELABLE,
     # deferred -> pending: a merchant postponed, and the controller admits it again later.
@@ -110,7 +113,7 @@ ALLOWED: dict[ExecState, frozenset[ExecState]] = {
     S.UNREACHABLE: REPORTABLE | frozenset({S.TIMED_OUT, S.HEALTH_CHECK, S.RETRY_WAIT, S.PENDING}),
     # Waiting for the next attempt: the controller re-admits it (pending); a late report
     # of the previous attempt still wins, as after unreachable.
-    S.RETRY_WAIT: REPORTABLE | frozenset({S.PENDING, S.HEALTH_CHECK}),
+    S.RETRY_WAIT: REPORTABLE | frozenset({S.PENDING, S.HEALTH_CHECK, S.UNREACHABLE}),
     # The terminal said succeeded; the controller waits for a healthy heartbeat.
     S.HEALTH_CHECK: frozenset({S.SUCCEEDED, S.FAILED, S.TIMED_OUT, S.RETRY_WAIT}),
     S.SUCCEEDED: frozenset(),

@@ -4,6 +4,7 @@ These drive executions by writing terminal reports through the same `record_even
 uses; tests/test_campaign_engine.py drives the same rules with the real simulator.
 """
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -506,7 +507,7 @@ async def test_audit_chain_verifies_and_detects_a_row_altered_by_hand(rig: Rig) 
         async with q._conn.transaction():
             await q._conn.execute("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_change")
             await q._conn.execute(
-                "UPDATE audit_log SET detail = jsonb_set(detail, '{reason}', '\"nothing\"')"
+                "UPDATE audit_log SET detail = replace(detail, 'operator', 'nothing')"
                 " WHERE action = 'campaign_paused'"
             )
             await q._conn.execute("ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_change")
@@ -517,3 +518,43 @@ async def test_audit_chain_verifies_and_detects_a_row_altered_by_hand(rig: Rig) 
     assert not verdict.intact
     assert verdict.broken_at == paused_id
     assert verdict.problem == "content does not match its hash"
+
+
+async def test_concurrent_audit_appends_keep_one_chain(rig: Rig) -> None:
+    async def append(n: int) -> None:
+        async with rig.repo.transaction() as q:
+            await audit.append(q, at=T0 + n, actor="test", action="ping", detail={"n": n})
+
+    await asyncio.gather(*(append(n) for n in range(20)))
+    verdict = await audit.verify(rig.repo)
+    assert (verdict.intact, verdict.entries) == (True, 20)
+
+
+async def test_retry_outcomes_respect_the_gate_the_control_and_postponements(rig: Rig) -> None:
+    ids = await _fleet(rig, 3)
+    campaign_id = await _campaign(
+        rig,
+        waves=[Wave(percent=100)],
+        failure_threshold=1.0,
+        health_gate={"enabled": True},
+        retries={"download": 1, "backoff_s": 10},
+    )
+    await rig.runner.tick()
+    gated, postponer, canceled = ids
+    # A retry's already_installed may be the earlier attempt's doing: it is health-checked.
+    await rig.report(campaign_id, gated, "queued")
+    assert await rig.report(campaign_id, gated, "failed", stage="download") == "retry_wait"
+    rig.clock.advance(11)
+    await rig.runner.tick()
+    assert await rig.report(campaign_id, gated, "already_installed") == "health_check"
+    # A postponement is not a retry: the one download retry is still there afterwards.
+    await rig.report(campaign_id, postponer, "queued")
+    assert await rig.report(campaign_id, postponer, "deferred", stage="postponed") == "deferred"
+    rig.clock.advance(3601)
+    await rig.runner.tick()
+    await rig.report(campaign_id, postponer, "queued")
+    assert await rig.report(campaign_id, postponer, "failed", stage="download") == "retry_wait"
+    # Once the campaign is canceled, a failure is final: nothing would ever retry it.
+    await rig.report(campaign_id, canceled, "queued")
+    await campaigns.cancel_campaign(rig.repo, rig.clock, campaign_id)
+    assert await rig.report(campaign_id, canceled, "failed", stage="download") == "failed"

@@ -41,10 +41,14 @@ FROM packages WHERE name = $1 AND version = $2;
 -- a replayed, reordered or illegal event is stored as not applied and changes nothing.
 -- What a report means is decided here, in one statement with the guard: a failed attempt
 -- whose stage has retries left waits for its retry (backoff); a success behind a health
--- gate waits for a healthy heartbeat; a merchant's postponement hands the terminal back
--- to the controller until the postpone delay has passed. $11::timestamptz is the controller's clock.
+-- gate waits for a healthy heartbeat (so does already_installed on a retry: the earlier
+-- attempt may have installed it); a merchant's postponement hands the terminal back to
+-- the controller until the postpone delay has passed. Retries and postponements exist
+-- only while the campaign is running or paused. $11 is the controller's clock.
 WITH known AS (
-    SELECT e.attempt, e.admitted_at, c.policy
+    SELECT e.attempt - e.postpones AS tries, e.admitted_at, c.policy,
+           c.control IN ('running', 'paused') AS live,
+           coalesce((c.policy -> 'health_gate' ->> 'enabled')::boolean, false) AS gated
     FROM executions e JOIN campaigns c ON c.id = e.campaign_id
     WHERE e.campaign_id = $3 AND e.terminal_id = $2
 ), fresh AS (
@@ -52,17 +56,20 @@ WITH known AS (
            AND EXISTS (SELECT 1 FROM known) AS is_new
 ), decided AS (
     SELECT CASE
-               WHEN $5 IN ('failed', 'rolled_back')
+               WHEN $5 IN ('failed', 'rolled_back') AND k.live
                     AND $7 IN ('download', 'verify', 'install', 'self_test')
-                    AND k.attempt <= coalesce((k.policy -> 'retries' ->> $7)::int, 0)
+                    AND k.tries <= coalesce((k.policy -> 'retries' ->> $7)::int, 0)
                    THEN 'retry_wait'
-               WHEN $5 = 'succeeded'
-                    AND coalesce((k.policy -> 'health_gate' ->> 'enabled')::boolean, false)
+               WHEN k.gated AND ($5 = 'succeeded' OR $5 = 'already_installed' AND k.tries > 1)
                    THEN 'health_check'
+               WHEN $5 = 'deferred' AND $7 = 'postponed' AND NOT k.live
+                   THEN 'canceled'
                ELSE $5
            END AS state,
-           ($5 = 'deferred' AND $7 = 'postponed' AND k.admitted_at IS NOT NULL) AS postponed,
-           k.policy, k.attempt
+           ($5 = 'deferred' AND $7 = 'postponed' AND k.admitted_at IS NOT NULL AND k.live)
+               AS postponed,
+           NOT k.live AS stopped,
+           k.policy, k.tries
     FROM known k
 ), moved AS (
     UPDATE executions e
@@ -76,11 +83,13 @@ WITH known AS (
         admitted_at = CASE WHEN d.state = 'retry_wait' OR d.postponed THEN NULL
                            ELSE coalesce(e.admitted_at, $11::timestamptz) END,
         next_attempt_at = CASE
-            WHEN d.state = 'retry_wait' THEN $11::timestamptz + fleet_backoff(d.policy, d.attempt)
+            WHEN d.state = 'retry_wait' THEN $11::timestamptz + fleet_backoff(d.policy, d.tries)
             WHEN d.postponed
                 THEN $11::timestamptz + make_interval(secs => (d.policy ->> 'postpone_delay_s')::float8)
             ELSE e.next_attempt_at END,
-        postpones = e.postpones + d.postponed::int
+        postpones = e.postpones + d.postponed::int,
+        -- A terminal of a stopped campaign that still reports is told to stop again.
+        cancel_sent_at = CASE WHEN d.stopped THEN NULL ELSE e.cancel_sent_at END
     FROM decided d, execution_states ns, execution_states os
     WHERE e.campaign_id = $3 AND e.terminal_id = $2 AND ns.state = d.state
       AND os.state = e.state
@@ -232,20 +241,29 @@ FROM unnest($2::text[], $3::text[], $4::text[]) AS x (terminal_id, reason, detai
 ON CONFLICT DO NOTHING;
 
 -- name: exclude_unstarted_of_model
--- An operator takes a model out: executions the controller still holds (never admitted,
--- or waiting for a retry or after a postponement) leave the campaign as exclusions; one
--- whose start was sent but not answered is canceled (the runner tells the terminal).
+-- An operator takes a model out: executions never attempted leave the campaign as
+-- exclusions; those the controller holds after an attempt (a retry, a postponement) end
+-- canceled; one whose start was sent but not answered goes through canceling (the runner
+-- tells the terminal).
 WITH held AS (
     UPDATE executions e
     SET state = 'canceling', updated_at = $3::timestamptz
     FROM terminals t
     WHERE e.campaign_id = $1 AND t.id = e.terminal_id AND t.model = $2
       AND e.admitted_at IS NOT NULL AND e.state = 'pending'
+), tried AS (
+    -- Attempted before (waiting for a retry or after a postponement): it keeps its history.
+    UPDATE executions e
+    SET state = 'canceled', updated_at = $3::timestamptz, finished_at = $3::timestamptz
+    FROM terminals t
+    WHERE e.campaign_id = $1 AND t.id = e.terminal_id AND t.model = $2
+      AND e.admitted_at IS NULL AND e.attempt > 0
+      AND e.state IN ('retry_wait', 'deferred', 'unreachable')
 ), gone AS (
     DELETE FROM executions e
     USING terminals t
     WHERE e.campaign_id = $1 AND t.id = e.terminal_id AND t.model = $2
-      AND e.admitted_at IS NULL AND e.state IN ('pending', 'retry_wait', 'deferred')
+      AND e.admitted_at IS NULL AND e.attempt = 0 AND e.state IN ('pending', 'unreachable')
     RETURNING e.terminal_id
 )
 INSERT INTO campaign_exclusions (campaign_id, terminal_id, reason, detail, at)
@@ -307,15 +325,15 @@ RETURNING terminal_id;
 -- wait for a retry when the campaign gives timeouts retries; unreachable ones time out
 -- after deadlines.unreachable_s. Through the transition table like every other change.
 WITH c AS (
-    SELECT policy FROM campaigns WHERE id = $1
+    SELECT policy, control IN ('running', 'paused') AS live FROM campaigns WHERE id = $1
 ), due AS (
     SELECT e.terminal_id, e.state, coalesce(s.phase, e.state) AS phase,
-           CASE WHEN e.attempt <= (c.policy -> 'retries' ->> 'timeout')::int
-                     AND e.state <> 'unreachable'
+           CASE WHEN e.attempt - e.postpones <= (c.policy -> 'retries' ->> 'timeout')::int
+                     AND e.state <> 'unreachable' AND c.live
                 THEN 'retry_wait' ELSE 'timed_out' END AS outcome
     FROM executions e JOIN execution_states s ON s.state = e.state, c
-    WHERE e.campaign_id = $1
-      AND (e.admitted_at IS NOT NULL AND s.phase IS NOT NULL OR e.state = 'unreachable')
+    WHERE e.campaign_id = $1 AND e.admitted_at IS NOT NULL
+      AND (s.phase IS NOT NULL OR e.state = 'unreachable')
       AND e.phase_since < $2::timestamptz - make_interval(
           secs => (c.policy -> 'deadlines' ->> (coalesce(s.phase, e.state) || '_s'))::float8)
 )
@@ -325,9 +343,12 @@ SET state = d.outcome, stage = d.phase, error_code = 'DEADLINE_EXCEEDED',
     updated_at = $2::timestamptz, phase_since = $2::timestamptz, admitted_at = NULL,
     finished_at = CASE WHEN d.outcome = 'timed_out' THEN $2::timestamptz END,
     next_attempt_at = CASE WHEN d.outcome = 'retry_wait'
-                           THEN $2::timestamptz + fleet_backoff(c.policy, e.attempt) END
+                           THEN $2::timestamptz + fleet_backoff(c.policy, e.attempt - e.postpones)
+                      END
 FROM due d, c
 WHERE e.campaign_id = $1 AND e.terminal_id = d.terminal_id
+  -- Re-checked on the row as it is now: a report committed meanwhile wins.
+  AND e.state = d.state
   AND EXISTS (
       SELECT 1 FROM state_transitions t WHERE t.from_state = e.state AND t.to_state = d.outcome)
 RETURNING e.terminal_id, e.state, d.phase;
@@ -343,16 +364,28 @@ SET state = 'unreachable', stage = e.state, updated_at = $2::timestamptz,
 FROM terminals t, execution_states s
 WHERE e.campaign_id = $1 AND t.id = e.terminal_id AND NOT t.online AND s.state = e.state
   AND (e.admitted_at IS NOT NULL AND s.phase IN ('start', 'download', 'install')
-       OR e.admitted_at IS NULL AND e.state = 'pending' AND e.wave <= $3)
+       OR e.admitted_at IS NULL AND e.state IN ('pending', 'retry_wait') AND e.wave <= $3)
+  AND EXISTS (SELECT 1 FROM state_transitions st
+              WHERE st.from_state = e.state AND st.to_state = 'unreachable')
+RETURNING e.terminal_id;
+
+-- name: back_online
+-- A never-admitted terminal that was unreachable is back: it waits for admission again.
+UPDATE executions e
+SET state = 'pending', updated_at = $2::timestamptz, phase_since = NULL
+FROM terminals t
+WHERE e.campaign_id = $1 AND t.id = e.terminal_id AND t.online
+  AND e.state = 'unreachable' AND e.admitted_at IS NULL
 RETURNING e.terminal_id;
 
 -- name: judge_health
 -- The health gate: an execution in health_check passes once its terminal heartbeats on
--- every target version (so after its reboot) with an error rate no worse than its
--- baseline plus the tolerance; a worse rate fails it (or retries, if health retries are
--- given). Without such a heartbeat it waits; the health deadline ends it.
+-- every target version (so after its reboot), no earlier than the success report, with
+-- an error rate no worse than its baseline plus the tolerance; a worse rate fails it (or
+-- retries, if health retries are given). With no baseline or no rate reported, the
+-- versions alone decide. Without such a heartbeat it waits; the health deadline ends it.
 WITH c AS (
-    SELECT policy FROM campaigns WHERE id = $1
+    SELECT policy, control IN ('running', 'paused') AS live FROM campaigns WHERE id = $1
 ), target AS (
     SELECT jsonb_object_agg(p.name, p.version) AS versions
     FROM campaign_packages cp JOIN packages p ON p.id = cp.package_id
@@ -360,13 +393,15 @@ WITH c AS (
 ), judged AS (
     SELECT e.terminal_id,
            fleet_health_number(t.health, 'txn_error_rate') AS rate,
-           coalesce(fleet_health_number(t.health, 'txn_error_rate'), 0)
-               <= coalesce(e.baseline_error_rate, 0)
-                  + (c.policy -> 'health_gate' ->> 'tolerance')::float8 + 1e-9 AS healthy,
-           e.attempt <= (c.policy -> 'retries' ->> 'health')::int AS retry
+           coalesce(fleet_health_number(t.health, 'txn_error_rate')
+                        <= e.baseline_error_rate
+                           + (c.policy -> 'health_gate' ->> 'tolerance')::float8 + 1e-9,
+                    true) AS healthy,
+           e.attempt - e.postpones <= (c.policy -> 'retries' ->> 'health')::int AND c.live
+               AS retry
     FROM executions e JOIN terminals t ON t.id = e.terminal_id, c, target
     WHERE e.campaign_id = $1 AND e.state = 'health_check'
-      AND t.heartbeat_at >= e.admitted_at AND t.versions @> target.versions
+      AND t.heartbeat_at >= e.phase_since AND t.versions @> target.versions
 )
 UPDATE executions e
 SET state = CASE WHEN j.healthy THEN 'succeeded' WHEN j.retry THEN 'retry_wait' ELSE 'failed' END,
@@ -378,9 +413,10 @@ SET state = CASE WHEN j.healthy THEN 'succeeded' WHEN j.retry THEN 'retry_wait' 
     finished_at = CASE WHEN j.healthy OR NOT j.retry THEN $2::timestamptz END,
     admitted_at = CASE WHEN j.healthy OR NOT j.retry THEN e.admitted_at END,
     next_attempt_at = CASE WHEN NOT j.healthy AND j.retry
-                           THEN $2::timestamptz + fleet_backoff(c.policy, e.attempt) END
+                           THEN $2::timestamptz + fleet_backoff(c.policy, e.attempt - e.postpones)
+                      END
 FROM judged j, c
-WHERE e.campaign_id = $1 AND e.terminal_id = j.terminal_id
+WHERE e.campaign_id = $1 AND e.terminal_id = j.terminal_id AND e.state = 'health_check'
 RETURNING e.terminal_id, e.state, j.rate;
 
 -- name: resends_due
@@ -393,6 +429,7 @@ FROM terminals t
 WHERE e.campaign_id = $1 AND t.id = e.terminal_id AND t.online
   AND e.admitted_at IS NOT NULL
   AND e.state IN ('pending', 'unreachable')
+  AND EXISTS (SELECT 1 FROM campaigns c WHERE c.id = $1 AND c.control IN ('running', 'paused'))
   AND e.updated_at < $2::timestamptz - make_interval(secs => $3) AND e.resends < $4
 RETURNING e.terminal_id, e.attempt, e.postpones;
 
@@ -423,6 +460,8 @@ WITH picked AS (
       AND (e.state IN ('pending', 'unreachable')
            OR (e.state IN ('retry_wait', 'deferred') AND e.next_attempt_at <= $2::timestamptz))
       AND ($4::text[] IS NULL OR t.timezone = ANY($4::text[]))
+      -- A pause or cancel committed during this tick stops admission here.
+      AND EXISTS (SELECT 1 FROM campaigns c WHERE c.id = $1 AND c.control = 'running')
     ORDER BY e.wave, e.bucket, e.terminal_id
     LIMIT $5
     FOR UPDATE OF e SKIP LOCKED
@@ -522,11 +561,13 @@ WHERE w.campaign_id = $1
 GROUP BY w.wave, w.bucket_hi, w.opened_at, e.state
 ORDER BY w.wave, e.state;
 
+-- name: audit_lock
+-- Serialises appends; the lock lasts until the transaction ends. The tip must be read by
+-- a later statement: a statement's snapshot predates the wait for the lock.
+SELECT pg_advisory_xact_lock(7207001);
+
 -- name: audit_head
--- Serialises appends (the lock lasts until the transaction ends) and returns the tip.
-SELECT pg_advisory_xact_lock(7207001) AS locked,
-       (SELECT id FROM audit_log ORDER BY id DESC LIMIT 1) AS id,
-       (SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1) AS hash;
+SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1;
 
 -- name: audit_insert
 INSERT INTO audit_log (id, at, actor, action, campaign_id, detail, prev_hash, hash)
@@ -548,8 +589,8 @@ SELECT terminal_id, wave, state, attempt, stage, error_code, detail, package, po
 FROM executions WHERE campaign_id = $1 ORDER BY terminal_id;
 
 -- name: plan_terminals
--- Per wave and time zone, executions not yet final and not yet admitted: what the plan's
--- ETA still has to schedule.
+-- Per wave and time zone, executions not yet final: what the plan's ETA still has to
+-- schedule (those under way are planned as if starting now: a little pessimistic).
 SELECT e.wave, t.timezone, count(*)::int AS n
 FROM executions e JOIN terminals t ON t.id = e.terminal_id
 JOIN execution_states s ON s.state = e.state

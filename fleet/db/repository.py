@@ -491,6 +491,11 @@ class Queries:
         rows = await self._conn.fetch(QUERIES["mark_unreachable"], campaign_id, at, current_wave)
         return [r["terminal_id"] for r in rows]
 
+    async def back_online(self, campaign_id: int, at: datetime) -> list[str]:
+        """Return never-admitted unreachable executions whose terminal is back to pending."""
+        rows = await self._conn.fetch(QUERIES["back_online"], campaign_id, at)
+        return [r["terminal_id"] for r in rows]
+
     async def judge_health(self, campaign_id: int, at: datetime) -> list[asyncpg.Record]:
         """Apply the health gate; return (terminal_id, state, rate) of those judged."""
         return await self._conn.fetch(QUERIES["judge_health"], campaign_id, at)
@@ -609,9 +614,9 @@ class Queries:
 
     async def audit_head(self) -> tuple[int, str] | None:
         """Lock the audit chain for this transaction; return its tip (id, hash)."""
+        await self._conn.execute(QUERIES["audit_lock"])
         row = await self._conn.fetchrow(QUERIES["audit_head"])
-        assert row is not None
-        return None if row["id"] is None else (row["id"], row["hash"])
+        return None if row is None else (row["id"], row["hash"])
 
     async def audit_insert(
         self,

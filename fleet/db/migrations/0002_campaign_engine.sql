@@ -39,7 +39,7 @@ ALTER TABLE executions
     ADD COLUMN cancel_sent_at timestamptz,
     ADD COLUMN package text,
     ADD COLUMN versions_before jsonb,
-    ADD COLUMN baseline_error_rate real;
+    ADD COLUMN baseline_error_rate float8;
 CREATE INDEX executions_admission ON executions (campaign_id, wave, bucket)
     WHERE admitted_at IS NULL;
 
@@ -96,6 +96,7 @@ INSERT INTO state_transitions (from_state, to_state) VALUES
     ('canceling', 'deferred'),
     ('canceling', 'downloading'),
     ('canceling', 'failed'),
+    ('canceling', 'health_check'),
     ('canceling', 'queued'),
     ('canceling', 'rejected'),
     ('canceling', 'retry_wait'),
@@ -141,6 +142,7 @@ INSERT INTO state_transitions (from_state, to_state) VALUES
     ('pending', 'deferred'),
     ('pending', 'downloading'),
     ('pending', 'failed'),
+    ('pending', 'health_check'),
     ('pending', 'queued'),
     ('pending', 'rejected'),
     ('pending', 'retry_wait'),
@@ -151,6 +153,7 @@ INSERT INTO state_transitions (from_state, to_state) VALUES
     ('queued', 'deferred'),
     ('queued', 'downloading'),
     ('queued', 'failed'),
+    ('queued', 'health_check'),
     ('queued', 'rejected'),
     ('queued', 'retry_wait'),
     ('queued', 'timed_out'),
@@ -177,6 +180,7 @@ INSERT INTO state_transitions (from_state, to_state) VALUES
     ('retry_wait', 'rolled_back'),
     ('retry_wait', 'self_testing'),
     ('retry_wait', 'succeeded'),
+    ('retry_wait', 'unreachable'),
     ('retry_wait', 'verified'),
     ('retry_wait', 'verifying'),
     ('self_testing', 'backing_up'),
@@ -253,7 +257,8 @@ CREATE TABLE audit_log (
     actor        text NOT NULL,
     action       text NOT NULL,
     campaign_id  bigint,
-    detail       jsonb NOT NULL,
+    -- Canonical JSON text, exactly what the hash covers (jsonb would renormalise it).
+    detail       text NOT NULL,
     prev_hash    text NOT NULL,
     hash         text NOT NULL UNIQUE
 );
