@@ -490,8 +490,9 @@ async def test_rate_limit_and_download_cap_hold_on_the_terminals(
             assert minutes < 10
     done = await rows(stack.repo, campaign_id)
     per_minute = Counter(r["admitted_at"] for r in done.values())
-    assert max(per_minute.values()) == 10
-    assert len(per_minute) == 3  # 10 + 10 + 4
+    # 24 terminals at most 10 a minute: at least three minutes of starts.
+    assert max(per_minute.values()) <= 10
+    assert len(per_minute) >= 3
     # On the terminals' own clocks: never more than 4 downloading at once.
     spans = []
     for record in sim.campaign_records(campaign_id):
