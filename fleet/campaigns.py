@@ -104,6 +104,8 @@ class Enrollment:
     excluded: dict[str, int]
     #: Members whose inventory is unknown yet (no hello): targeted once it arrives.
     awaiting_inventory: int = 0
+    #: The waves those members' buckets fall into: a wave is not judged while any wait.
+    awaiting_waves: frozenset[int] = frozenset()
 
     def as_detail(self) -> dict[str, Any]:
         """For the audit log."""
@@ -163,9 +165,12 @@ async def enroll(
     campaign is under way takes part (in the wave its bucket falls into).
     """
     verdicts = await judge(q, campaign_id, policy, target)
-    if not verdicts.included and not verdicts.excluded:
-        return Enrollment(0, {}, len(verdicts.awaiting))
+    if not (verdicts.included or verdicts.excluded or verdicts.awaiting):
+        return Enrollment(0, {})
     bounds = [w["bucket_hi"] for w in await q.campaign_waves(campaign_id)]
+    awaiting_waves = frozenset(wave_of(r["bucket"], bounds) for r in verdicts.awaiting)
+    if not verdicts.included and not verdicts.excluded:
+        return Enrollment(0, {}, len(verdicts.awaiting), awaiting_waves)
     included = [
         (row["id"], wave_of(row["bucket"], bounds), row["bucket"]) for row in verdicts.included
     ]
@@ -177,7 +182,7 @@ async def enroll(
     reasons: dict[str, int] = defaultdict(int)
     for _, reason, _ in verdicts.excluded:
         reasons[reason] += 1
-    return Enrollment(len(included), dict(reasons), len(verdicts.awaiting))
+    return Enrollment(len(included), dict(reasons), len(verdicts.awaiting), awaiting_waves)
 
 
 def wave_of(bucket: int, bounds: Sequence[int]) -> int:

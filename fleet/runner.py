@@ -146,8 +146,9 @@ class CampaignRunner:
         if campaign.settled:
             return
         policy = CampaignPolicy.model_validate(campaign.policy)
+        awaiting_waves: frozenset[int] = frozenset()
         if campaign.control in ("running", "paused"):
-            await self._enroll_joiners(campaign, policy)
+            awaiting_waves = await self._enroll_joiners(campaign, policy)
         await self._expire(campaign)
         await self._send_cancels(campaign)
         if campaign.control in ("canceled", "aborted"):
@@ -157,7 +158,9 @@ class CampaignRunner:
             return
         if await self._check_thresholds(campaign, policy):
             return
-        await self._advance(campaign, policy)
+        # A wave whose members have not all said hello yet cannot be judged complete.
+        if not any(w <= campaign.current_wave for w in awaiting_waves):
+            await self._advance(campaign, policy)
         await self._admit(campaign, policy)
 
     async def _decide(
@@ -168,14 +171,17 @@ class CampaignRunner:
 
     # -- membership --------------------------------------------------------------------
 
-    async def _enroll_joiners(self, campaign: LiveCampaign, policy: CampaignPolicy) -> None:
+    async def _enroll_joiners(
+        self, campaign: LiveCampaign, policy: CampaignPolicy
+    ) -> frozenset[int]:
+        """Enroll members not yet in the campaign; return the waves still awaiting some."""
         at = self._clock.now()
         async with self._repo.transaction() as q:
             joined: Enrollment = await enroll(
                 q, campaign.id, policy, TargetFilter.model_validate(campaign.target), at
             )
             if not joined.added and not joined.excluded:
-                return
+                return joined.awaiting_waves
             await audit.append(
                 q,
                 at=at,
@@ -185,6 +191,7 @@ class CampaignRunner:
                 detail=joined.as_detail(),
             )
         await self._decide(campaign, "terminals_joined", joined.as_detail())
+        return joined.awaiting_waves
 
     # -- what time decides -------------------------------------------------------------
 

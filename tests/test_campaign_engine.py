@@ -645,3 +645,22 @@ async def test_filter_and_terminals_that_join_during_the_campaign(
     assert {sim.terminals[t].versions["os"] for t in eu} == {"2.0.0"}
     assert {sim.terminals[t].versions["os"] for t in set(ids) - eu} == {"1.0.0"}
     assert "terminals_joined" in await actions(stack.repo, campaign_id)
+
+
+async def test_a_campaign_started_before_its_terminals_said_hello_waits_for_them(
+    stack: Stack, broker: Mosquitto
+) -> None:
+    ids = terminal_ids(30)
+    await stack.provision(ids, {"g": ids}, model="unknown")
+    await stack.add_package("os", "2.0.0", ["P400"])
+    campaign_id = await stack.campaign(["g"], ("os", "2.0.0"), waves=[10, 50, 100])
+    await ticks(3)
+    # Nobody is known yet: no wave can be judged, so none opens and nothing completes.
+    status = await campaigns.campaign_status(stack.repo, campaign_id)
+    assert (status.status, status.current_wave, status.totals) == ("running", 1, {})
+    sim = Simulator(config(broker, 30, ["g"]))
+    async with running(sim):
+        await sim.wait_final(campaign_id, 30, timeout_s=60)
+        await settle(stack.repo, campaign_id)
+    status = await campaigns.campaign_status(stack.repo, campaign_id)
+    assert (status.status, status.totals) == ("completed", {"succeeded": 30})

@@ -510,13 +510,24 @@ WITH opened AS (
 SELECT desired_revision FROM opened;
 
 -- name: live_campaigns
--- Every started campaign; `settled` ones (every wave open, every execution final) have
--- nothing left to decide, and no longer enroll joiners.
+-- Every started campaign; `settled` ones (every wave open, every execution final, no
+-- member still awaiting its first hello) have nothing left to decide, and no longer
+-- enroll joiners.
 SELECT id, name, control, current_wave, desired_revision, acknowledged_failures, policy,
        target, wave_ready_at, wave_count,
        current_wave >= wave_count AND NOT EXISTS (
            SELECT 1 FROM executions e JOIN execution_states s ON s.state = e.state
-           WHERE e.campaign_id = c.id AND NOT s.final) AS settled
+           WHERE e.campaign_id = c.id AND NOT s.final)
+       AND NOT EXISTS (
+           SELECT 1 FROM campaign_groups cg
+           JOIN group_members gm ON gm.group_name = cg.group_name
+           JOIN terminals t ON t.id = gm.terminal_id
+           WHERE cg.campaign_id = c.id AND t.boot_id IS NULL AND t.model = 'unknown'
+             AND NOT EXISTS (SELECT 1 FROM executions e
+                             WHERE e.campaign_id = c.id AND e.terminal_id = t.id)
+             AND NOT EXISTS (SELECT 1 FROM campaign_exclusions x
+                             WHERE x.campaign_id = c.id AND x.terminal_id = t.id))
+       AS settled
 FROM (SELECT c.*,
              (SELECT count(*) FROM campaign_waves w WHERE w.campaign_id = c.id)::int
                  AS wave_count
