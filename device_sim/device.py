@@ -858,6 +858,10 @@ class Terminal:
         )
         record.final_state = state
         record.error_code = error_code
+        # Real terminals heartbeat after an update ends, so the controller's health gate
+        # need not wait for the next periodic one.
+        with contextlib.suppress(LinkLostError):
+            await self._publish_heartbeat()
         raise _Finished
 
     def _check_cancel(self) -> None:

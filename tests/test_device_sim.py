@@ -878,10 +878,14 @@ async def test_heartbeat_error_rate_baseline_and_degraded(http: ArtifactServer) 
         await h.final()
         h.update([package(http, version="3.0")], campaign_id=2)
         await h.final(2)
+        # One at each boot, and one after each update's final report.
+        await h.link.wait_for(lambda: len(h.link.of_kind(MessageKind.HEARTBEAT)) == 5)
         beats = h.link.of_kind(MessageKind.HEARTBEAT)
         assert [(b.versions["os"], b.health[rate]) for b in beats] == [
             ("1.0", 0.02),
             ("2.0", 0.4),
+            ("2.0", 0.4),
+            ("3.0", 0.02),
             ("3.0", 0.02),
         ]
         assert h.terminal.heartbeat().health[rate] == 0.02
