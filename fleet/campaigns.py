@@ -9,7 +9,7 @@ import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fleet import audit
 from fleet.clock import Clock, as_datetime
@@ -247,22 +247,9 @@ async def pause_campaign(
     actor: str = OPERATOR,
 ) -> None:
     """Stop starting terminals; those already under way run to their end."""
-    now = clock.now()
     async with repo.transaction() as q:
         await _require(q, campaign_id)
-        if (
-            await q.set_control(campaign_id, "paused", reason, ["running"], as_datetime(now))
-            is None
-        ):
-            raise CampaignError("not_running", f"campaign {campaign_id} is not running")
-        await audit.append(
-            q,
-            at=now,
-            actor=actor,
-            action="campaign_paused",
-            campaign_id=campaign_id,
-            detail={"reason": reason},
-        )
+        await stop_campaign(q, campaign_id, "paused", reason, at=clock.now(), actor=actor)
 
 
 async def resume_campaign(
@@ -299,35 +286,50 @@ async def cancel_campaign(
     clock: Clock,
     campaign_id: int,
     *,
-    control: str = "canceled",
     reason: str | None = None,
     actor: str = OPERATOR,
 ) -> None:
-    """Cancel (or abort): nothing more starts; terminals not yet installing are told to stop.
+    """Cancel: nothing more starts; terminals not yet installing are told to stop.
 
     Executions the controller still holds end canceled at once; a terminal that is queued,
     deferred or downloading gets a cancel command and reports canceled; one already
     installing runs to its end (an install is never interrupted).
     """
-    now = clock.now()
     async with repo.transaction() as q:
         await _require(q, campaign_id)
-        revision = await q.set_control(
-            campaign_id, control, reason, ["running", "paused"], as_datetime(now)
+        await stop_campaign(q, campaign_id, "canceled", reason, at=clock.now(), actor=actor)
+
+
+async def stop_campaign(
+    q: Queries,
+    campaign_id: int,
+    control: Literal["paused", "canceled", "aborted"],
+    reason: str | None,
+    *,
+    at: float,
+    actor: str,
+) -> None:
+    """Pause, cancel or abort inside the caller's transaction, and audit it there.
+
+    The runner uses it to stop a campaign in the same transaction that records the
+    threshold trip, so neither can happen without the other.
+    """
+    allowed_from = ["running"] if control == "paused" else ["running", "paused"]
+    if await q.set_control(campaign_id, control, reason, allowed_from, as_datetime(at)) is None:
+        raise CampaignError(
+            "not_running" if control == "paused" else "not_cancelable",
+            f"campaign {campaign_id} is not {' or '.join(allowed_from)}",
         )
-        if revision is None:
-            raise CampaignError(
-                "not_cancelable", f"campaign {campaign_id} is not running or paused"
-            )
-        await q.cancel_unstarted(campaign_id, as_datetime(now))
-        await audit.append(
-            q,
-            at=now,
-            actor=actor,
-            action=f"campaign_{control}",
-            campaign_id=campaign_id,
-            detail={"reason": reason},
-        )
+    if control != "paused":
+        await q.cancel_unstarted(campaign_id, as_datetime(at))
+    await audit.append(
+        q,
+        at=at,
+        actor=actor,
+        action=f"campaign_{control}",
+        campaign_id=campaign_id,
+        detail={"reason": reason},
+    )
 
 
 async def exclude_model(

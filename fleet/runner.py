@@ -12,21 +12,20 @@ fails is repaired by the reconciler, so a crash between the two loses nothing.
 import asyncio
 import logging
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from fleet import audit, metrics
 from fleet.campaigns import (
     CANCELED,
     Enrollment,
-    cancel_campaign,
     enroll,
-    pause_campaign,
+    stop_campaign,
     success_share,
     wave_statuses,
 )
 from fleet.clock import Clock, SystemClock, as_datetime
-from fleet.db.repository import Admitted, LiveCampaign, Repository
-from fleet.errors import DatabaseUnavailableError
+from fleet.db.repository import Admitted, LiveCampaign, Queries, Repository
+from fleet.errors import CampaignError, DatabaseUnavailableError
 from fleet.policy import CampaignPolicy, TargetFilter, zone
 from fleet.protocol import (
     Command,
@@ -163,6 +162,19 @@ class CampaignRunner:
             await self._advance(campaign, policy)
         await self._admit(campaign, policy)
 
+    async def _audit(
+        self,
+        q: Queries,
+        campaign: LiveCampaign,
+        action: str,
+        detail: dict[str, Any],
+        at: float,
+    ) -> None:
+        """Record one automatic decision in the audit log, in the caller's transaction."""
+        await audit.append(
+            q, at=at, actor=RUNNER, action=action, campaign_id=campaign.id, detail=detail
+        )
+
     async def _decide(
         self, campaign: LiveCampaign, action: str, detail: dict[str, Any], *, count: int = 1
     ) -> None:
@@ -182,14 +194,7 @@ class CampaignRunner:
             )
             if not joined.added and not joined.excluded:
                 return joined.awaiting_waves
-            await audit.append(
-                q,
-                at=at,
-                actor=RUNNER,
-                action="terminals_joined",
-                campaign_id=campaign.id,
-                detail=joined.as_detail(),
-            )
+            await self._audit(q, campaign, "terminals_joined", joined.as_detail(), at)
         await self._decide(campaign, "terminals_joined", joined.as_detail())
         return joined.awaiting_waves
 
@@ -229,9 +234,7 @@ class CampaignRunner:
             if canceled:
                 decisions.append(("canceled_unanswered", _ids(canceled), len(canceled)))
             for action, detail, _ in decisions:
-                await audit.append(
-                    q, at=at, actor=RUNNER, action=action, campaign_id=campaign.id, detail=detail
-                )
+                await self._audit(q, campaign, action, detail, at)
         for action, detail, count in decisions:
             await self._decide(campaign, action, detail, count=count)
 
@@ -256,13 +259,8 @@ class CampaignRunner:
                 campaign.id, as_datetime(at), policy.resend_after_s, policy.max_resends
             )
             if again:
-                await audit.append(
-                    q,
-                    at=at,
-                    actor=RUNNER,
-                    action="start_resent",
-                    campaign_id=campaign.id,
-                    detail=_ids([a.terminal_id for a in again]),
+                await self._audit(
+                    q, campaign, "start_resent", _ids([a.terminal_id for a in again]), at
                 )
         await self._send_starts(campaign, policy, again)
 
@@ -304,21 +302,15 @@ class CampaignRunner:
             f"({trip['failed'] / trip['counted']:.1%} > {trip['threshold']:.1%})"
         )
         at = self._clock.now()
-        async with self._repo.transaction() as q:
-            await audit.append(
-                q,
-                at=at,
-                actor=RUNNER,
-                action="threshold_tripped",
-                campaign_id=campaign.id,
-                detail=trip,
-            )
-        if policy.threshold_action == "abort":
-            await cancel_campaign(
-                self._repo, self._clock, campaign.id, control="aborted", reason=reason, actor=RUNNER
-            )
-        else:
-            await pause_campaign(self._repo, self._clock, campaign.id, reason, actor=RUNNER)
+        control: Literal["paused", "aborted"] = (
+            "aborted" if policy.threshold_action == "abort" else "paused"
+        )
+        try:
+            async with self._repo.transaction() as q:
+                await self._audit(q, campaign, "threshold_tripped", trip, at)
+                await stop_campaign(q, campaign.id, control, reason, at=at, actor=RUNNER)
+        except CampaignError:
+            return True  # an operator paused or canceled it meanwhile
         await self._decide(campaign, "threshold_tripped", trip)
         logger.warning(
             "campaign %s %s: %s",
@@ -354,14 +346,7 @@ class CampaignRunner:
             async with self._repo.transaction() as q:
                 if not await q.mark_wave_ready(campaign.id, as_datetime(at)):
                     return
-                await audit.append(
-                    q,
-                    at=at,
-                    actor=RUNNER,
-                    action="wave_succeeded",
-                    campaign_id=campaign.id,
-                    detail=facts,
-                )
+                await self._audit(q, campaign, "wave_succeeded", facts, at)
             await self._decide(campaign, "wave_succeeded", facts)
             ready_at = as_datetime(at)
         if as_datetime(at) < ready_at + timedelta(seconds=soak_s):
@@ -370,13 +355,8 @@ class CampaignRunner:
             revision = await q.open_wave(campaign.id, campaign.current_wave + 1, as_datetime(at))
             if revision is None:
                 return
-            await audit.append(
-                q,
-                at=at,
-                actor=RUNNER,
-                action="wave_advanced",
-                campaign_id=campaign.id,
-                detail=facts | {"opened": campaign.current_wave + 1},
+            await self._audit(
+                q, campaign, "wave_advanced", facts | {"opened": campaign.current_wave + 1}, at
             )
         await self._decide(campaign, "wave_advanced", facts)
 
@@ -407,9 +387,7 @@ class CampaignRunner:
                 return
             retries = [a for a in admitted if a.attempt > 1]
             detail = _ids([a.terminal_id for a in admitted]) | {"retries": len(retries)}
-            await audit.append(
-                q, at=at, actor=RUNNER, action="admitted", campaign_id=campaign.id, detail=detail
-            )
+            await self._audit(q, campaign, "admitted", detail, at)
         metrics.CAMPAIGN_DECISIONS.labels("admitted").inc(len(admitted))
         await self._send_starts(campaign, policy, admitted)
 

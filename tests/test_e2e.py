@@ -155,11 +155,17 @@ async def test_controller_killed_mid_campaign_loses_and_duplicates_nothing(
             installing = {"backing_up", "installing", "rebooting", "self_testing"}
 
             async def mid_campaign() -> bool:
-                # Some executions finished, and enough terminals are past their download:
-                # those go on reporting while the controller (and its artifacts) is gone.
+                # Some executions finished, and enough terminals are past their download
+                # right now (their own records, not the database, which lags): those go on
+                # reporting while the controller (and its artifacts) is gone.
                 states = list((await _db_states(repo, campaign_id)).values())
                 finished = sum(s in {f.value for f in FINAL} for s in states)
-                return finished >= 15 and sum(s in installing for s in states) >= 8
+                now_installing = sum(
+                    1
+                    for r in simulator.records()
+                    if not r.settled and r.events and r.events[-1].state in installing
+                )
+                return finished >= 15 and now_installing >= 8
 
             await eventually(mid_campaign, within_s=60, what="a wave in the middle of installing")
             stack.kill_controller_process()
