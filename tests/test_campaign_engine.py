@@ -664,3 +664,45 @@ async def test_a_campaign_started_before_its_terminals_said_hello_waits_for_them
         await settle(stack.repo, campaign_id)
     status = await campaigns.campaign_status(stack.repo, campaign_id)
     assert (status.status, status.totals) == ("completed", {"succeeded": 30})
+
+
+async def test_cumulative_threshold_aborts_and_stops_the_terminals(
+    stack: Stack, broker: Mosquitto
+) -> None:
+    ids = terminal_ids(40)
+    await stack.provision(ids, {"g": ids})
+    await stack.add_package("os", "2.0.0", ["P400"])
+    sim = Simulator(
+        config(broker, 40, ["g"], faults=Faults(self_test_fail_versions={"os": "2.0.0"}))
+    )
+    async with running(sim):
+        await sim.wait_connected(timeout_s=30)
+        await ticks()
+        campaign_id = await stack.campaign(
+            ["g"],
+            ("os", "2.0.0"),
+            waves=[100],
+            failure_threshold=1.0,
+            cumulative_failure_threshold=0.1,
+            threshold_action="abort",
+            rate_per_min=8,
+        )
+        await sim.wait_final(campaign_id, 8, timeout_s=30)
+        await settle(stack.repo, campaign_id)
+        await advance(stack, 1)  # past the cancel grace
+    status = await campaigns.campaign_status(stack.repo, campaign_id)
+    assert status.status == "aborted"
+    assert (status.paused_reason or "").startswith("campaign: ")
+    # Eight started (the rate limit): those past their download when the trip came rolled
+    # back, the rest stopped; the other 32 never started.
+    totals = status.totals
+    assert set(totals) <= {"rolled_back", "canceled"}
+    assert totals["rolled_back"] >= 5
+    assert totals["rolled_back"] + totals.get("canceled", 0) == 40
+    assert len(sim.records()) == 8
+    async with stack.repo.connection() as q:
+        trips = [
+            r for r in await q.campaign_audit(campaign_id) if r["action"] == "threshold_tripped"
+        ]
+    assert len(trips) == 1
+    assert '"action":"abort"' in trips[0]["detail"]
