@@ -9,7 +9,7 @@ into these models, so the rules an operator asked for are exactly the rules that
 
 import itertools
 import re
-from datetime import datetime, time, timedelta
+from datetime import datetime, time
 from typing import Annotated, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -116,18 +116,6 @@ class Window(_Frozen):
         """Tell whether a local wall-clock time is inside the window (end excluded)."""
         t, start, end = local.time().replace(tzinfo=None), self.start_time, self.end_time
         return start <= t < end if start < end else (t >= start or t < end)
-
-    def next_open(self, at: datetime) -> datetime:
-        """The first moment at or after `at` (aware) inside the window, in the same zone."""
-        if self.contains(at):
-            return at
-        day = at.date()
-        for offset in (0, 1):
-            candidate = datetime.combine(day + timedelta(days=offset), self.start_time, at.tzinfo)
-            if candidate >= at:
-                return candidate
-        msg = "unreachable: a window opens every day"
-        raise AssertionError(msg)
 
 
 class TargetFilter(_Frozen):
