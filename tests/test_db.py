@@ -1,15 +1,22 @@
 """The database layer on a real PostgreSQL: migrations, named SQL, the guarded state machine."""
 
+import os
+from pathlib import Path
+
 import asyncpg
 import pytest
 
 from fleet import campaigns
 from fleet.clock import ManualClock, as_datetime
 from fleet.db import SCHEMA_VERSION, Repository, connect, migrate
+from fleet.db.migrate import load_migrations
 from fleet.db.repository import QUERIES, parse_queries
+from fleet.embedded import PostgresServer
 from fleet.errors import SchemaVersionError
 from fleet.policy import CampaignPolicy, HealthGate
 from fleet.protocol import bucket_of, new_message_id
+from fleet.runner import CampaignRunner
+from fleet.settings import FleetSettings
 from fleet.states import ALLOWED, FINAL, PHASE, ExecState, transition_pairs
 from tests.test_protocol import BUCKET_VECTORS
 
@@ -212,3 +219,80 @@ async def test_dead_letters_are_bounded(repo: Repository) -> None:
         kept = await q._conn.fetch("SELECT detail, length(payload) AS n FROM dead_letters")
     assert {r["detail"] for r in kept} == {f"n{n}" for n in range(50, 150)}
     assert {r["n"] for r in kept} == {1024}
+
+
+async def test_upgrade_from_0001_keeps_running_campaigns_running(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    """A database with a campaign under way at schema 1 migrates and the runner carries on."""
+    name = f"fleet_upgrade_{os.getpid()}"
+    pg_server.create_database(name)
+    dsn = pg_server.dsn(name)
+    first = load_migrations()[0]
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(first.sql)
+        await conn.execute("INSERT INTO schema_version VALUES (1, $1)", first.name)
+        await conn.execute(
+            """
+            INSERT INTO terminals (id, model, online) SELECT 'T' || n, 'P400', true
+            FROM generate_series(1, 40) n;
+            INSERT INTO groups VALUES ('g');
+            INSERT INTO group_members (group_name, terminal_id) SELECT 'g', id FROM terminals;
+            INSERT INTO packages (name, kind, version, size, sha256, compatible_models)
+            VALUES ('os', 'firmware', '2.0.0', 10, repeat('a', 64), '{P400}');
+            INSERT INTO campaigns (name, control, current_wave, success_threshold,
+                                   failure_threshold, desired_revision, started_at)
+            VALUES ('old', 'running', 1, 0.8, 0.2, 1, now());
+            INSERT INTO campaign_groups VALUES (1, 'g');
+            INSERT INTO campaign_packages VALUES (1, 1, 1);
+            INSERT INTO campaign_waves (campaign_id, wave, bucket_hi, opened_at)
+            VALUES (1, 1, 5000, now()), (1, 2, 10000, NULL);
+            INSERT INTO executions (campaign_id, terminal_id, wave, bucket)
+            SELECT 1, id, CASE WHEN fleet_bucket(id) < 5000 THEN 1 ELSE 2 END, fleet_bucket(id)
+            FROM terminals;
+            UPDATE executions SET state = 'downloading' WHERE terminal_id = 'T1';
+            INSERT INTO campaign_log (campaign_id, actor, action) VALUES (1, 'operator', 'started');
+            """
+        )
+    finally:
+        await conn.close()
+    assert await migrate(dsn) == list(range(2, SCHEMA_VERSION + 1))
+    repo = await connect(dsn, pool_size=2)
+    try:
+        async with repo.connection() as q:
+            campaign = await q.campaign(1)
+            kept = await q._conn.fetchval("SELECT count(*) FROM campaign_log_0001")
+            t1 = await q._conn.fetchrow(
+                "SELECT attempt, admitted_at FROM executions WHERE terminal_id = 'T1'"
+            )
+        assert campaign is not None
+        policy = CampaignPolicy.model_validate(campaign["policy"])
+        assert [w.percent for w in policy.waves] == [50, 100]
+        assert (policy.window, policy.health_gate.enabled) == (None, False)
+        assert kept == 1
+        assert t1 is not None
+        assert t1["attempt"] == 1
+        assert t1["admitted_at"] is not None
+        sent: list[str] = []
+
+        class Publisher:
+            async def publish(self, topic: str, payload: bytes, **_: object) -> None:
+                sent.append(topic)
+
+        settings = FleetSettings(artifact_dir=tmp_path)
+        await CampaignRunner(repo, Publisher(), settings, CLOCK).tick()
+        wave1 = {
+            r["terminal_id"]
+            for r in await _executions(repo)
+            if r["wave"] == 1 and r["terminal_id"] != "T1"
+        }
+        assert {t.split("/")[3] for t in sent if t.endswith("/cmd")} == wave1
+        assert "fleet/v1/g/g/desired" in sent
+    finally:
+        await repo.close()
+
+
+async def _executions(repo: Repository) -> list[asyncpg.Record]:
+    async with repo.connection() as q:
+        return await q.executions(1)

@@ -245,12 +245,41 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN jsonb_typeof(health -> key) = 'number' THEN (health ->> key)::float8 END
 $$;
 
+-- Campaigns started under 0001 keep the rules they were started with: their waves and
+-- thresholds, no window, no health gate, no retries, no cumulative threshold; their
+-- executions under way count as admitted (attempt 1), so deadlines reach them.
+UPDATE campaigns c SET policy = jsonb_build_object(
+    'waves', (SELECT jsonb_agg(jsonb_build_object('percent', w.bucket_hi / 100.0, 'soak_s', 0)
+                               ORDER BY w.wave)
+              FROM campaign_waves w WHERE w.campaign_id = c.id),
+    'success_threshold', c.success_threshold,
+    'failure_threshold', c.failure_threshold,
+    'cumulative_failure_threshold', 1.0,
+    'threshold_action', 'pause',
+    'health_gate', jsonb_build_object('enabled', false, 'tolerance', 0.02),
+    'deadlines', jsonb_build_object('start_s', 3600, 'download_s', 3600, 'install_s', 3600,
+                                    'reboot_s', 3600, 'health_s', 3600,
+                                    'unreachable_s', 259200),
+    'retries', jsonb_build_object('download', 0, 'verify', 0, 'install', 0, 'self_test', 0,
+                                  'health', 0, 'timeout', 0, 'backoff_s', 300,
+                                  'backoff_factor', 2, 'backoff_max_s', 21600),
+    'window', NULL,
+    'max_postpones', 0,
+    'postpone_delay_s', 3600,
+    'resend_after_s', 120,
+    'max_resends', 3,
+    'allow_downgrade', false,
+    'expected_duration_s', 600);
+UPDATE executions
+SET attempt = 1, admitted_at = updated_at, phase_since = updated_at
+WHERE state NOT IN ('pending', 'canceling');
+
 -- Every operator action and automatic decision. Each row's hash covers the previous row's
 -- hash and the row itself (fleet/audit.py), so an edited, inserted or deleted row breaks
 -- the chain; the triggers make the table append-only for everyone but a superuser who
--- disables them, and the chain catches that too. (campaign_log, its unchained
--- predecessor, held only pre-release data.)
-DROP TABLE campaign_log;
+-- disables them, and the chain catches that too. campaign_log, its unchained
+-- predecessor, is kept as it was, read-only history.
+ALTER TABLE campaign_log RENAME TO campaign_log_0001;
 CREATE TABLE audit_log (
     id           bigint PRIMARY KEY,
     at           timestamptz NOT NULL,
