@@ -138,8 +138,9 @@ class TargetFilter(_Frozen):
 class CampaignPolicy(_Frozen):
     """Everything about how a campaign rolls out."""
 
+    #: By default a canary of 1%, then 10%, 50% and the rest: a bad release meets few.
     waves: Annotated[list[Wave], Field(min_length=1, max_length=100)] = Field(
-        default_factory=lambda: [Wave(percent=100)]
+        default_factory=lambda: [Wave(percent=p) for p in (1, 10, 50, 100)]
     )
     #: Share of a wave that must succeed before the next opens.
     success_threshold: Fraction = 0.9
