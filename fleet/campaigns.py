@@ -271,6 +271,7 @@ async def resume_campaign(
         final_failures = FAILURE & FINAL
         accepted = {w.wave: w.count(final_failures) for w in waves if w.count(final_failures)}
         await q.acknowledge_failures(campaign_id, accepted)
+        await q.restart_start_phase(campaign_id, as_datetime(now))
         await audit.append(
             q,
             at=now,

@@ -558,3 +558,23 @@ async def test_retry_outcomes_respect_the_gate_the_control_and_postponements(rig
     await rig.report(campaign_id, canceled, "queued")
     await campaigns.cancel_campaign(rig.repo, rig.clock, campaign_id)
     assert await rig.report(campaign_id, canceled, "failed", stage="download") == "failed"
+
+
+async def test_a_pause_does_not_time_out_terminals_it_holds(rig: Rig) -> None:
+    ids = await _fleet(rig, 2)
+    campaign_id = await _campaign(rig, waves=[Wave(percent=100)], deadlines={"start_s": 600})
+    await rig.runner.tick()
+    await campaigns.pause_campaign(rig.repo, rig.clock, campaign_id)
+    rig.clock.advance(7200)
+    await rig.runner.tick()
+    assert set((await rig.states(campaign_id)).values()) == {"pending"}
+    await campaigns.resume_campaign(rig.repo, rig.clock, campaign_id)
+    rig.clock.advance(599)
+    await rig.runner.tick()
+    assert set((await rig.states(campaign_id)).values()) == {"pending"}
+    rig.clock.advance(2)
+    await rig.runner.tick()
+    assert {s for t, s in (await rig.states(campaign_id)).items() if t in ids} <= {
+        "timed_out",
+        "retry_wait",
+    }

@@ -325,7 +325,7 @@ RETURNING terminal_id;
 -- wait for a retry when the campaign gives timeouts retries; unreachable ones time out
 -- after deadlines.unreachable_s. Through the transition table like every other change.
 WITH c AS (
-    SELECT policy, control IN ('running', 'paused') AS live FROM campaigns WHERE id = $1
+    SELECT policy, control IN ('running', 'paused') AS live, control FROM campaigns WHERE id = $1
 ), due AS (
     SELECT e.terminal_id, e.state, coalesce(s.phase, e.state) AS phase,
            CASE WHEN e.attempt - e.postpones <= (c.policy -> 'retries' ->> 'timeout')::int
@@ -334,6 +334,8 @@ WITH c AS (
     FROM executions e JOIN execution_states s ON s.state = e.state, c
     WHERE e.campaign_id = $1 AND e.admitted_at IS NOT NULL
       AND (s.phase IS NOT NULL OR e.state = 'unreachable')
+      -- A paused campaign holds its terminals before they start: not their fault.
+      AND (s.phase IS DISTINCT FROM 'start' OR c.control <> 'paused')
       AND e.phase_since < $2::timestamptz - make_interval(
           secs => (c.policy -> 'deadlines' ->> (coalesce(s.phase, e.state) || '_s'))::float8)
 )
@@ -489,6 +491,14 @@ WHERE mine.campaign_id = $1 AND c.id <> $1 AND c.control IN ('running', 'paused'
   AND EXISTS (
       SELECT 1 FROM executions e JOIN execution_states s ON s.state = e.state
       WHERE e.campaign_id = c.id AND NOT s.final);
+
+-- name: restart_start_phase
+-- On resume, terminals held at the start by the pause get their start deadline afresh.
+UPDATE executions e
+SET phase_since = $2::timestamptz
+FROM execution_states s
+WHERE e.campaign_id = $1 AND s.state = e.state AND s.phase = 'start'
+  AND e.admitted_at IS NOT NULL;
 
 -- name: acknowledge_failures
 UPDATE campaigns SET acknowledged_failures = $2 WHERE id = $1;

@@ -546,6 +546,10 @@ class Queries:
         rows = await self._conn.fetch(QUERIES["overlapping_campaigns"], campaign_id)
         return [r["name"] for r in rows]
 
+    async def restart_start_phase(self, campaign_id: int, at: datetime) -> None:
+        """Give executions held at their start a fresh start deadline."""
+        await self._conn.execute(QUERIES["restart_start_phase"], campaign_id, at)
+
     async def acknowledge_failures(self, campaign_id: int, failures: dict[int, int]) -> None:
         """Record the failures per wave an operator accepted by resuming."""
         await self._conn.execute(
