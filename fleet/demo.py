@@ -80,6 +80,8 @@ async def run_demo(settings: FleetSettings, *, terminals: int, workdir: Path | N
                 "artifact_base_url": f"http://127.0.0.1:{http_port}",
                 "artifact_dir": root / "artifacts",
                 "campaign_tick_s": 0.5,
+                # The fleet connects after the campaign starts: pick terminals up promptly.
+                "enroll_every_s": 1.0,
             }
         )
         await migrate(demo_settings.database_url)

@@ -11,6 +11,8 @@ fails is repaired by the reconciler, so a crash between the two loses nothing.
 
 import asyncio
 import logging
+import math
+import time
 from datetime import timedelta
 from typing import Any, Literal, Protocol
 
@@ -18,6 +20,7 @@ from fleet import audit, metrics
 from fleet.campaigns import (
     CANCELED,
     Enrollment,
+    WaveStatus,
     enroll,
     stop_campaign,
     success_share,
@@ -91,7 +94,11 @@ class CampaignRunner:
         self._tick_s = settings.campaign_tick_s
         self._cancel_grace_s = settings.cancel_grace_s
         self._command_expiry_s = settings.command_expiry_s
+        self._enroll_every_s = settings.enroll_every_s
         self._published: dict[int, int] = {}
+        # Per campaign: when members were last enrolled (monotonic), and the waves whose
+        # members were then still awaiting their first hello.
+        self._enrolled: dict[int, tuple[float, frozenset[int]]] = {}
         self.ticked = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -147,7 +154,12 @@ class CampaignRunner:
         policy = CampaignPolicy.model_validate(campaign.policy)
         awaiting_waves: frozenset[int] = frozenset()
         if campaign.control in ("running", "paused"):
-            awaiting_waves = await self._enroll_joiners(campaign, policy)
+            # A full pass over the groups' members is the costliest query of a tick (0.6 s
+            # for 100,000 members here), so it runs every `enroll_every_s`, not every tick.
+            last, awaiting_waves = self._enrolled.get(campaign.id, (-math.inf, frozenset()))
+            if time.monotonic() - last >= self._enroll_every_s:
+                awaiting_waves = await self._enroll_joiners(campaign, policy)
+                self._enrolled[campaign.id] = (time.monotonic(), awaiting_waves)
         await self._expire(campaign)
         await self._send_cancels(campaign)
         if campaign.control in ("canceled", "aborted"):
@@ -155,11 +167,13 @@ class CampaignRunner:
         await self._reconcile(campaign, policy)
         if campaign.control != "running":
             return
-        if await self._check_thresholds(campaign, policy):
+        async with self._repo.connection() as q:
+            waves = wave_statuses(await q.wave_counts(campaign.id), campaign.current_wave)
+        if await self._check_thresholds(campaign, policy, waves):
             return
         # A wave whose members have not all said hello yet cannot be judged complete.
         if not any(w <= campaign.current_wave for w in awaiting_waves):
-            await self._advance(campaign, policy)
+            await self._advance(campaign, policy, waves)
         await self._admit(campaign, policy)
 
     async def _audit(
@@ -266,9 +280,9 @@ class CampaignRunner:
 
     # -- thresholds and waves ----------------------------------------------------------
 
-    async def _check_thresholds(self, campaign: LiveCampaign, policy: CampaignPolicy) -> bool:
-        async with self._repo.connection() as q:
-            waves = wave_statuses(await q.wave_counts(campaign.id), campaign.current_wave)
+    async def _check_thresholds(
+        self, campaign: LiveCampaign, policy: CampaignPolicy, waves: list[WaveStatus]
+    ) -> bool:
         trip: dict[str, Any] | None = None
         for wave in waves:
             accepted = campaign.acknowledged_failures.get(wave.wave, 0)
@@ -321,11 +335,11 @@ class CampaignRunner:
         )
         return True
 
-    async def _advance(self, campaign: LiveCampaign, policy: CampaignPolicy) -> None:
+    async def _advance(
+        self, campaign: LiveCampaign, policy: CampaignPolicy, waves: list[WaveStatus]
+    ) -> None:
         if campaign.current_wave >= campaign.wave_count:
             return
-        async with self._repo.connection() as q:
-            waves = wave_statuses(await q.wave_counts(campaign.id), campaign.current_wave)
         current = waves[campaign.current_wave - 1]
         succeeded, counted = success_share(
             current, campaign.acknowledged_failures.get(current.wave, 0)

@@ -90,6 +90,12 @@ class FleetSettings(BaseSettings):
     campaign_tick_s: float = Field(
         1.0, gt=0, description="How often the campaign runner re-evaluates running campaigns."
     )
+    enroll_every_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often the runner looks for terminals that joined a running "
+        "campaign's groups or said their first hello (a full pass over the groups' members).",
+    )
     cancel_grace_s: float = Field(
         300.0,
         ge=0,

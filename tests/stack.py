@@ -53,6 +53,7 @@ def make_settings(broker: Mosquitto, database_url: str, workdir: Path) -> FleetS
         artifact_base_url=f"http://127.0.0.1:{http_port}",
         artifact_dir=workdir / "artifacts",
         campaign_tick_s=0.1,
+        enroll_every_s=0.2,
         cancel_grace_s=0.5,
         terminal_secret=TERMINAL_SECRET,
         shutdown_grace_s=2.0,

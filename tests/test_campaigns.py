@@ -103,7 +103,9 @@ class Rig:
 def rig(repo: Repository, tmp_path: Path) -> Rig:
     clock = ManualClock(T0)
     publisher = FakePublisher()
-    settings = FleetSettings(artifact_dir=tmp_path, campaign_tick_s=0.1, cancel_grace_s=30)
+    settings = FleetSettings(
+        artifact_dir=tmp_path, campaign_tick_s=0.1, cancel_grace_s=30, enroll_every_s=0.001
+    )
     return Rig(repo, clock, publisher, CampaignRunner(repo, publisher, settings, clock))
 
 

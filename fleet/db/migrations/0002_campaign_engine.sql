@@ -42,6 +42,10 @@ ALTER TABLE executions
     ADD COLUMN baseline_error_rate float8;
 CREATE INDEX executions_admission ON executions (campaign_id, wave, bucket)
     WHERE admitted_at IS NULL;
+-- The runner's per-state passes (unreachable, health gate, resends) and its offline check
+-- read few rows of large campaigns; these keep them from scanning every execution.
+CREATE INDEX executions_state ON executions (campaign_id, state);
+CREATE INDEX terminals_offline ON terminals (id) WHERE NOT online;
 
 -- Members of a campaign's groups that do not take part, and why (fleet/targeting.py).
 CREATE TABLE campaign_exclusions (
