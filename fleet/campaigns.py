@@ -157,14 +157,20 @@ async def judge(
 
 
 async def enroll(
-    q: Queries, campaign_id: int, policy: CampaignPolicy, target: TargetFilter, at: float
+    q: Queries,
+    campaign_id: int,
+    policy: CampaignPolicy,
+    target: TargetFilter,
+    at: float,
+    verdicts: Verdicts | None = None,
 ) -> Enrollment:
     """Target the group members not yet in the campaign: executions or exclusions.
 
     Runs at start and on every runner tick, so a terminal that joins a group while the
     campaign is under way takes part (in the wave its bucket falls into).
     """
-    verdicts = await judge(q, campaign_id, policy, target)
+    if verdicts is None:
+        verdicts = await judge(q, campaign_id, policy, target)
     if not (verdicts.included or verdicts.excluded or verdicts.awaiting):
         return Enrollment(0, {})
     bounds = [w["bucket_hi"] for w in await q.campaign_waves(campaign_id)]
@@ -222,12 +228,12 @@ async def start_campaign(
             raise CampaignError("not_draft", f"campaign {campaign_id} has already been started")
         policy = CampaignPolicy.model_validate(campaign["policy"])
         target = TargetFilter.model_validate(campaign["target"])
+        verdicts = await judge(q, campaign_id, policy, target)
         if policy.waves[0].count is not None:
             # Counts are of terminals taking part (those awaiting inventory likely will).
-            verdicts = await judge(q, campaign_id, policy, target)
             buckets = [r["bucket"] for r in (*verdicts.included, *verdicts.awaiting)]
             await q.set_wave_bounds(campaign_id, count_wave_bounds(policy, buckets))
-        enrollment = await enroll(q, campaign_id, policy, target, now)
+        enrollment = await enroll(q, campaign_id, policy, target, now, verdicts)
         await audit.append(
             q,
             at=now,

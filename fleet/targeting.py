@@ -43,7 +43,7 @@ class Package:
         return cls(
             name=row["name"],
             version=row["version"],
-            models=tuple(row.get("models") or row.get("compatible_models") or ()),
+            models=tuple(row["models"]),
             from_versions=tuple(row.get("from_versions") or ()),
             requires=dict(row.get("requires") or {}),
         )
