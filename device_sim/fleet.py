@@ -18,7 +18,8 @@ from typing import Any
 
 from device_sim.config import SimConfig
 from device_sim.device import CampaignRecord, Terminal, TerminalProfile
-from device_sim.link import AiomqttLink, BrokerIdentity, Link
+from device_sim.link import BrokerIdentity, Link
+from device_sim.wire_link import WireLink
 from fleet import protocol
 from fleet.protocol import DesiredState, MessageKind
 
@@ -58,13 +59,13 @@ def _campaign_status(campaign_id: int, status: str) -> DesiredMatch:
     return match
 
 
-def aiomqtt_link_factory(config: SimConfig) -> LinkFactory:
+def wire_link_factory(config: SimConfig) -> LinkFactory:
     """Return a factory of real broker links for the configured broker and secret."""
 
     def make(profile: TerminalProfile) -> Link:
         tid = profile.tid
         will = protocol.Presence(tid=tid, online=False, ts=protocol.now())
-        return AiomqttLink(
+        return WireLink(
             BrokerIdentity(
                 host=config.broker_host,
                 port=config.broker_port,
@@ -104,7 +105,7 @@ class Simulator:
     def __init__(self, config: SimConfig, *, link_factory: LinkFactory | None = None) -> None:
         """Build every terminal (deterministically from the config), without connecting."""
         self.config = config
-        make_link = link_factory or aiomqtt_link_factory(config)
+        make_link = link_factory or wire_link_factory(config)
         gate = asyncio.Semaphore(config.connect_concurrency)
         self.terminals: dict[str, Terminal] = {}
         for index in range(config.start, config.start + config.count):

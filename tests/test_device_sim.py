@@ -14,12 +14,14 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from device_sim import wire_link
 from device_sim.config import Faults, SimConfig, Timing
 from device_sim.device import CampaignRecord, SentEvent, Terminal, TerminalProfile
 from device_sim.download import DownloadFailedError, DownloadPlan, download
-from device_sim.fleet import Simulator, aiomqtt_link_factory
-from device_sim.link import AiomqttLink, Incoming, LinkLostError
-from fleet import dynsec, protocol
+from device_sim.fleet import Simulator, wire_link_factory
+from device_sim.link import Incoming, LinkLostError
+from device_sim.wire_link import WireLink
+from fleet import dynsec, mqtt_wire, protocol
 from fleet.broker_admin import BrokerAdmin
 from fleet.protocol import (
     Command,
@@ -91,6 +93,10 @@ class FakeLink:
 
     async def disconnect(self) -> None:
         self.disconnects += 1
+        self._up, self.lost = False, False
+        self._changed()
+
+    def power_off(self) -> None:
         self._up, self.lost = False, False
         self._changed()
 
@@ -1159,7 +1165,7 @@ def broker_config(broker: Any, **overrides: Any) -> SimConfig:
     )
 
 
-async def test_aiomqtt_link_against_real_broker(broker: Any, http: ArtifactServer) -> None:
+async def test_wire_link_against_real_broker(broker: Any, http: ArtifactServer) -> None:
     config = make_config(
         count=3,
         broker_host=broker.host,
@@ -1200,8 +1206,8 @@ async def test_aiomqtt_link_against_real_broker(broker: Any, http: ArtifactServe
         assert {r.final_state for r in records} == {S.SUCCEEDED}
         for terminal in sim.terminals.values():
             link = terminal._link
-            assert isinstance(link, AiomqttLink)
-            assert link._client is None  # powered off with a clean DISCONNECT
+            assert isinstance(link, WireLink)
+            assert link._connection is None  # powered off with a clean DISCONNECT
         expected = {(r.tid, e.msg_id) for r in records for e in r.events}
 
         got: set[tuple[str, str]] = set()
@@ -1227,17 +1233,17 @@ async def test_publish_timeout_on_live_connection_reconnects(
     )
     tid = config.terminal_ids()[0]
     await provision(broker, [tid])
-    real_publish = aiomqtt.Client.publish
+    real_publish = mqtt_wire.Connection.publish
     timed_out = asyncio.Event()
 
-    async def publish(self: aiomqtt.Client, topic: str, *args: Any, **kwargs: Any) -> None:
+    async def publish(self: mqtt_wire.Connection, topic: str, *args: Any, **kwargs: Any) -> None:
         if topic.endswith("/heartbeat") and not timed_out.is_set():
-            # What aiomqtt raises when no PUBACK came in time; the connection stays up.
+            # As if no PUBACK came in time; the connection stays up.
             timed_out.set()
-            raise aiomqtt.MqttError("Operation timed out")
+            raise TimeoutError
         await real_publish(self, topic, *args, **kwargs)
 
-    monkeypatch.setattr(aiomqtt.Client, "publish", publish)
+    monkeypatch.setattr(mqtt_wire.Connection, "publish", publish)
     async with controller_client(broker) as controller:
         await controller.subscribe(f"fleet/v1/t/{tid}/+", qos=1)
         sim = Simulator(config)
@@ -1274,16 +1280,16 @@ async def test_concurrent_connects_share_one_client(
     config = broker_config(broker)
     profile = TerminalProfile.from_config(config, 0)
     await provision(broker, [profile.tid])
-    link = aiomqtt_link_factory(config)(profile)
-    assert isinstance(link, AiomqttLink)
-    made: list[aiomqtt.Client] = []
-    real_new_client = AiomqttLink._new_client
+    link = wire_link_factory(config)(profile)
+    assert isinstance(link, WireLink)
+    made: list[mqtt_wire.Connection] = []
+    real_open = wire_link.open_connection
 
-    def new_client(self: AiomqttLink) -> aiomqtt.Client:
-        made.append(real_new_client(self))
+    async def open_connection(*args: Any, **kwargs: Any) -> mqtt_wire.Connection:
+        made.append(await real_open(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(AiomqttLink, "_new_client", new_client)
+    monkeypatch.setattr(wire_link, "open_connection", open_connection)
     await asyncio.gather(*(link.connect() for _ in range(3)))
     assert len(made) == 1
     await link.connect()
