@@ -1,0 +1,1 @@
+"""The benchmark suite: figures measured next to this machine's ceilings (``make bench``)."""
