@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -46,8 +46,8 @@ _UNSTORABLE = (QueryRefusedError, ValueError, OverflowError)
 class Acker(Protocol):
     """Acknowledges a received message once its effects are durable."""
 
-    def ack(self, message: Incoming) -> None:
-        """Send the PUBACK for `message`."""
+    def ack_many(self, messages: Sequence[Incoming]) -> None:
+        """Send the PUBACKs for `messages`."""
 
 
 #: Told, after commit, each terminal that said hello and its groups; must not block.
@@ -111,8 +111,7 @@ class Ingest:
             result = await self._write_until_done(batch, stop)
             if result is None:
                 return
-            for message in batch:
-                self._acker.ack(message)
+            self._acker.ack_many(batch)
             if self._on_hello is not None:
                 for tid, groups in result.hello_groups.items():
                     self._on_hello(tid, groups)

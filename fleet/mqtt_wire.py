@@ -463,6 +463,21 @@ class Connection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(_PUBACK_OK_PREFIX + _U16_PACK(packet_id))
 
+    def ack_many(self, packet_ids: Sequence[int]) -> None:
+        """Acknowledge many delivered QoS1 messages with one write."""
+        if packet_ids and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(_PUBACK_OK_PREFIX + _U16_PACK(i) for i in packet_ids))
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket (TCP then pushes back on the broker)."""
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read the socket again."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
     def publish_nowait(
         self,
         topic: str,

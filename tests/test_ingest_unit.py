@@ -1,7 +1,7 @@
 """Ingest's batch logic against fakes of our own repository seam (no broker, no database)."""
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +58,8 @@ class FakeRepository:
 class FakeAcker:
     acked: list[int] = field(default_factory=list)
 
-    def ack(self, message: Incoming) -> None:
-        self.acked.append(message.mid)
+    def ack_many(self, messages: Sequence[Incoming]) -> None:
+        self.acked.extend(message.mid for message in messages)
 
 
 def _incoming(mid: int, msg_id: str) -> Incoming:
