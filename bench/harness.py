@@ -593,12 +593,28 @@ async def start_simulator(
             TERMINAL_SECRET,
             "--groups",
             BENCH_GROUP,
+            # The model the fleet is registered with, which the packages are built for.
+            "--models",
+            "P400:1",
             *args,
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,
             stderr=err,
         )
     return Process(f"simulator {start}..{start + count - 1}", process, log)
+
+
+def note_deaths(result: Result, processes: Sequence[Process]) -> bool:
+    """Note each process that exited on its own, with its log's tail; whether any did."""
+    died = False
+    for process in processes:
+        if not process.running:
+            died = True
+            tail = process.log_tail(6).replace("\n", " | ")
+            result.note(
+                f"{process.name} exited early (status {process.process.returncode}): {tail}"
+            )
+    return died
 
 
 async def stop_simulator(simulator: Process) -> dict[str, Any] | None:
