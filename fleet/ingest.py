@@ -18,7 +18,7 @@ from typing import Protocol
 
 from fleet import audit, metrics
 from fleet.clock import Clock, SystemClock, as_datetime
-from fleet.db.repository import HeartbeatRow, Queries, Repository
+from fleet.db.repository import EventRow, HeartbeatRow, Queries, Repository
 from fleet.errors import DatabaseUnavailableError, QueryRefusedError
 from fleet.mqtt import Incoming
 from fleet.policy import valid_timezone
@@ -228,37 +228,41 @@ class Ingest:
     async def _write_events(self, q: Queries, batch: _Batch) -> None:
         at = self._clock.now()
         retries: dict[int, list[str]] = {}
-        for event in batch.events:
-            outcome = await q.record_event(
-                msg_id=event.msg_id,
-                terminal_id=event.tid,
-                campaign_id=event.campaign_id,
-                seq=event.seq,
-                state=event.state.value,
-                progress=event.progress,
-                stage=event.stage,
-                error_code=event.error_code,
-                detail=event.detail,
-                device_ts=event.ts,
-                at=as_datetime(at),
-                attempt=event.attempt,
-                package=event.package,
-            )
-            if not outcome.known:
-                batch.refuse(
-                    _topic_of(event),
-                    RejectReason.UNKNOWN_EXECUTION,
-                    f"{event.tid} has no execution in campaign {event.campaign_id}",
-                    event.to_bytes(),
+        for round_ in _rounds(batch.events):
+            rows = [
+                EventRow(
+                    msg_id=e.msg_id,
+                    terminal_id=e.tid,
+                    campaign_id=e.campaign_id,
+                    seq=e.seq,
+                    state=e.state.value,
+                    progress=e.progress,
+                    stage=e.stage,
+                    error_code=e.error_code,
+                    detail=e.detail,
+                    device_ts=e.ts,
+                    attempt=e.attempt,
+                    package=e.package,
                 )
-            elif not outcome.inserted:
-                metrics.EVENT_DUPLICATES.inc()
-            elif outcome.moved:
-                metrics.UPDATE_TRANSITIONS.labels(event.state.value).inc()
-                if outcome.new_state == ExecState.RETRY_WAIT:
-                    retries.setdefault(event.campaign_id, []).append(event.tid)
-            else:
-                metrics.EVENT_NOT_APPLIED.inc()
+                for e in round_
+            ]
+            outcomes = await q.record_events(rows, as_datetime(at))
+            for event, outcome in zip(round_, outcomes, strict=True):
+                if not outcome.known:
+                    batch.refuse(
+                        _topic_of(event),
+                        RejectReason.UNKNOWN_EXECUTION,
+                        f"{event.tid} has no execution in campaign {event.campaign_id}",
+                        event.to_bytes(),
+                    )
+                elif not outcome.inserted:
+                    metrics.EVENT_DUPLICATES.inc()
+                elif outcome.moved:
+                    metrics.UPDATE_TRANSITIONS.labels(event.state.value).inc()
+                    if outcome.new_state == ExecState.RETRY_WAIT:
+                        retries.setdefault(event.campaign_id, []).append(event.tid)
+                else:
+                    metrics.EVENT_NOT_APPLIED.inc()
         for campaign_id, terminals in retries.items():
             # A retry is an automatic decision; it is audited with the report that caused it.
             await audit.append(
@@ -325,6 +329,24 @@ class Ingest:
         for p, _ in last:
             if p.tid not in known:
                 batch.refuse(_topic_of(p), RejectReason.UNKNOWN_TERMINAL, p.tid, p.to_bytes())
+
+
+def _rounds(events: list[StateEvent]) -> list[list[StateEvent]]:
+    """Split events so each round names a terminal once: its 1st events, its 2nd, ...
+
+    Within a terminal arrival order is kept, so each event is applied after the one the
+    terminal sent before it, as if they were written one by one.
+    """
+    per_terminal: dict[str, list[StateEvent]] = {}
+    for event in events:
+        per_terminal.setdefault(event.tid, []).append(event)
+    rounds: list[list[StateEvent]] = []
+    for queue in per_terminal.values():
+        for depth, event in enumerate(queue):
+            if depth == len(rounds):
+                rounds.append([])
+            rounds[depth].append(event)
+    return rounds
 
 
 def _sort(messages: list[Incoming]) -> _Batch:

@@ -15,6 +15,7 @@ import pytest
 from fleet import audit, campaigns
 from fleet.clock import ManualClock, as_datetime
 from fleet.db import Repository
+from fleet.db.repository import EventRow
 from fleet.errors import CampaignError
 from fleet.policy import CampaignPolicy, TargetFilter, Wave
 from fleet.protocol import (
@@ -72,16 +73,18 @@ class Rig:
         self.seq += 1
         async with self.repo.transaction() as q:
             outcome = await q.record_event(
-                msg_id=new_message_id(),
-                terminal_id=tid,
-                campaign_id=campaign_id,
-                seq=self.seq,
-                state=state,
-                progress=fields.get("progress"),
-                stage=fields.get("stage"),
-                error_code=fields.get("error_code"),
-                detail=None,
-                device_ts=T0,
+                EventRow(
+                    msg_id=new_message_id(),
+                    terminal_id=tid,
+                    campaign_id=campaign_id,
+                    seq=self.seq,
+                    state=state,
+                    progress=fields.get("progress"),
+                    stage=fields.get("stage"),
+                    error_code=fields.get("error_code"),
+                    detail=None,
+                    device_ts=T0,
+                ),
                 at=as_datetime(self.clock.now()),
             )
         return outcome.new_state

@@ -10,7 +10,7 @@ from fleet import campaigns
 from fleet.clock import ManualClock, as_datetime
 from fleet.db import SCHEMA_VERSION, Repository, connect, migrate
 from fleet.db.migrate import load_migrations
-from fleet.db.repository import QUERIES, parse_queries
+from fleet.db.repository import QUERIES, EventRow, parse_queries
 from fleet.embedded import PostgresServer
 from fleet.errors import SchemaVersionError
 from fleet.policy import CampaignPolicy, HealthGate
@@ -29,7 +29,7 @@ def test_query_file_parser() -> None:
     assert parsed == {"a": "SELECT 1;", "b_c": "-- why\nSELECT 2;"}
     with pytest.raises(ValueError, match="twice"):
         parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;\n")
-    assert "record_event" in QUERIES
+    assert "record_events" in QUERIES
 
 
 async def test_state_machine_in_sql_equals_python(database_url: str) -> None:
@@ -98,16 +98,18 @@ async def _report(
 ) -> tuple[bool, bool]:
     async with repo.transaction() as q:
         outcome = await q.record_event(
-            msg_id=msg_id or new_message_id(),
-            terminal_id="T1",
-            campaign_id=campaign_id,
-            seq=seq,
-            state=state.value,
-            progress=progress,
-            stage=None,
-            error_code=None,
-            detail=None,
-            device_ts=1.0,
+            EventRow(
+                msg_id=msg_id or new_message_id(),
+                terminal_id="T1",
+                campaign_id=campaign_id,
+                seq=seq,
+                state=state.value,
+                progress=progress,
+                stage=None,
+                error_code=None,
+                detail=None,
+                device_ts=1.0,
+            ),
             at=AT,
         )
     assert outcome.known
@@ -154,16 +156,18 @@ async def test_sql_refuses_an_illegal_move_even_without_python(repo: Repository)
     campaign_id = await _one_execution(repo)
     async with repo.connection() as q:
         outcome = await q.record_event(
-            msg_id=new_message_id(),
-            terminal_id="T1",
-            campaign_id=campaign_id,
-            seq=1,
-            state="self_testing",
-            progress=None,
-            stage=None,
-            error_code=None,
-            detail=None,
-            device_ts=1.0,
+            EventRow(
+                msg_id=new_message_id(),
+                terminal_id="T1",
+                campaign_id=campaign_id,
+                seq=1,
+                state="self_testing",
+                progress=None,
+                stage=None,
+                error_code=None,
+                detail=None,
+                device_ts=1.0,
+            ),
             at=AT,
         )
     assert outcome.inserted
@@ -175,16 +179,18 @@ async def test_event_for_unknown_execution_is_not_stored(repo: Repository) -> No
     campaign_id = await _one_execution(repo)
     async with repo.connection() as q:
         outcome = await q.record_event(
-            msg_id=new_message_id(),
-            terminal_id="T1",
-            campaign_id=campaign_id + 1,
-            seq=1,
-            state="queued",
-            progress=None,
-            stage=None,
-            error_code=None,
-            detail=None,
-            device_ts=1.0,
+            EventRow(
+                msg_id=new_message_id(),
+                terminal_id="T1",
+                campaign_id=campaign_id + 1,
+                seq=1,
+                state="queued",
+                progress=None,
+                stage=None,
+                error_code=None,
+                detail=None,
+                device_ts=1.0,
+            ),
             at=AT,
         )
     assert (outcome.known, outcome.inserted, outcome.moved) == (False, False, False)
@@ -296,3 +302,63 @@ async def test_upgrade_from_0001_keeps_running_campaigns_running(
 async def _executions(repo: Repository) -> list[asyncpg.Record]:
     async with repo.connection() as q:
         return await q.executions(1)
+
+
+async def test_one_statement_stores_events_of_many_terminals(repo: Repository) -> None:
+    """Each row is judged on its own: applied, unknown execution, or a duplicate."""
+    async with repo.transaction() as q:
+        await q.upsert_terminals([{"id": t, "model": "P400"} for t in ("T1", "T2", "T3")])
+        await q.create_group("g")
+        await q.assign_group("g", ["T1", "T2", "T3"])
+        await q.add_package("fw", "firmware", "2.0", 10, "a" * 64, ["P400"])
+    campaign_id = await campaigns.create_campaign(
+        repo,
+        CLOCK,
+        name="c",
+        groups=["g"],
+        packages=[("fw", "2.0")],
+        policy=CampaignPolicy(health_gate=HealthGate(enabled=False)),
+    )
+    assert (await campaigns.start_campaign(repo, CLOCK, campaign_id)).added == 3
+
+    def row(tid: str, seq: int, state: ExecState, msg_id: str, campaign: int) -> EventRow:
+        return EventRow(
+            msg_id=msg_id,
+            terminal_id=tid,
+            campaign_id=campaign,
+            seq=seq,
+            state=state.value,
+            progress=None,
+            stage=None,
+            error_code=None,
+            detail=None,
+            device_ts=1.0,
+        )
+
+    async with repo.transaction() as q:
+        first = await q.record_events(
+            [
+                row("T1", 1, ExecState.QUEUED, "a1", campaign_id),
+                row("T2", 1, ExecState.SELF_TESTING, "b1", campaign_id),  # illegal from pending
+                row("T3", 1, ExecState.QUEUED, "c1", campaign_id + 1),  # no such execution
+            ],
+            AT,
+        )
+        second = await q.record_events(
+            [
+                row("T1", 2, ExecState.DOWNLOADING, "a2", campaign_id),
+                row("T2", 1, ExecState.SELF_TESTING, "b1", campaign_id),  # a redelivery
+            ],
+            AT,
+        )
+    outcomes = [(o.known, o.inserted, o.moved, o.new_state) for o in first + second]
+    assert outcomes == [
+        (True, True, True, "queued"),
+        (True, True, False, None),
+        (False, False, False, None),
+        (True, True, True, "downloading"),
+        (True, False, False, None),
+    ]
+    async with repo.connection() as q:
+        states = {t: s for t, (s, _) in (await q.execution_states(campaign_id)).items()}
+    assert states == {"T1": "downloading", "T2": "pending", "T3": "pending"}

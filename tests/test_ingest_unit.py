@@ -5,8 +5,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleet.db.repository import EventRow
 from fleet.errors import QueryRefusedError
-from fleet.ingest import Ingest
+from fleet.ingest import Ingest, _rounds
 from fleet.mqtt import Incoming
 from fleet.protocol import MessageKind, StateEvent, new_message_id, terminal_topic
 from fleet.states import ExecState
@@ -26,11 +27,11 @@ class FakeQueries:
 
     store: "FakeRepository"
 
-    async def record_event(self, **event: Any) -> _Outcome:
-        if event["msg_id"] == self.store.poison:
+    async def record_events(self, rows: list[EventRow], _at: Any) -> list[_Outcome]:
+        if any(row.msg_id == self.store.poison for row in rows):
             raise QueryRefusedError("22003", "value out of range")
-        self.store.pending.append(event["msg_id"])
-        return _Outcome()
+        self.store.pending.extend(row.msg_id for row in rows)
+        return [_Outcome() for _ in rows]
 
     async def add_dead_letters(self, rows: list[tuple[str, str, str, bytes]]) -> None:
         self.store.pending_dead.extend(rows)
@@ -89,4 +90,19 @@ async def test_one_refused_message_does_not_stall_its_batch() -> None:
     assert repo.events == [ids[0], ids[1], ids[3], ids[4]]
     assert [(reason, topic) for topic, reason, _, _ in repo.dead] == [
         ("unstorable", "fleet/v1/t/T1/events")
+    ]
+
+
+def test_rounds_name_each_terminal_once_and_keep_its_order() -> None:
+    def event(tid: str, seq: int) -> StateEvent:
+        return StateEvent(
+            msg_id=new_message_id(), tid=tid, campaign_id=1, seq=seq, state=ExecState.QUEUED, ts=2e9
+        )
+
+    events = [event("A", 1), event("B", 1), event("A", 2), event("A", 3), event("B", 2)]
+    rounds = _rounds(events)
+    assert [[(e.tid, e.seq) for e in r] for r in rounds] == [
+        [("A", 1), ("B", 1)],
+        [("A", 2), ("B", 2)],
+        [("A", 3)],
     ]

@@ -35,51 +35,57 @@ RETURNING id;
 SELECT id, name, kind, version, size, sha256, compatible_models, from_versions, requires
 FROM packages WHERE name = $1 AND version = $2;
 
--- name: record_event
--- One state event, idempotent on msg_id. The execution moves only if the event is new,
--- newer than anything applied before (seq), and the transition is in state_transitions:
--- a replayed, reordered or illegal event is stored as not applied and changes nothing.
--- What a report means is decided here, in one statement with the guard: a failed attempt
--- whose stage has retries left waits for its retry (backoff); a success behind a health
--- gate waits for a healthy heartbeat (so does already_installed on a retry: the earlier
--- attempt may have installed it); a merchant's postponement hands the terminal back to
--- the controller until the postpone delay has passed. Retries and postponements exist
--- only while the campaign is running or paused. $11 is the controller's clock.
-WITH known AS (
-    SELECT e.attempt - e.postpones AS tries, e.admitted_at, c.policy,
+-- name: record_events
+-- record_event for many events in one statement: the same rules, row by row. The inputs
+-- are arrays aligned by position and must name distinct terminals (the caller splits a
+-- batch into rounds: a terminal's first event, then its second, ...), so that no row is
+-- updated twice and each event sees the effect of the one before it. $11 is the
+-- controller's clock. One result row per input, in input order.
+WITH input AS (
+    SELECT *
+    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[],
+                $6::smallint[], $7::text[], $8::text[], $9::text[], $10::float8[],
+                $12::integer[], $13::text[])
+         WITH ORDINALITY AS i (msg_id, terminal_id, campaign_id, seq, state, progress, stage,
+                               error_code, detail, device_ts, attempt, package, ord)
+), known AS (
+    SELECT i.ord, e.attempt - e.postpones AS tries, e.admitted_at, c.policy,
            c.control IN ('running', 'paused') AS live,
            coalesce((c.policy -> 'health_gate' ->> 'enabled')::boolean, false) AS gated
-    FROM executions e JOIN campaigns c ON c.id = e.campaign_id
-    WHERE e.campaign_id = $3 AND e.terminal_id = $2
+    FROM input i
+    JOIN executions e ON e.campaign_id = i.campaign_id AND e.terminal_id = i.terminal_id
+    JOIN campaigns c ON c.id = e.campaign_id
 ), fresh AS (
-    SELECT NOT EXISTS (SELECT 1 FROM update_events WHERE msg_id = $1)
-           AND EXISTS (SELECT 1 FROM known) AS is_new
+    SELECT k.ord
+    FROM known k JOIN input i ON i.ord = k.ord
+    WHERE NOT EXISTS (SELECT 1 FROM update_events u WHERE u.msg_id = i.msg_id)
 ), decided AS (
-    SELECT CASE
-               WHEN $5 IN ('failed', 'rolled_back') AND k.live
-                    AND $7 IN ('download', 'verify', 'install', 'self_test')
-                    AND k.tries <= coalesce((k.policy -> 'retries' ->> $7)::int, 0)
+    SELECT k.ord,
+           CASE
+               WHEN i.state IN ('failed', 'rolled_back') AND k.live
+                    AND i.stage IN ('download', 'verify', 'install', 'self_test')
+                    AND k.tries <= coalesce((k.policy -> 'retries' ->> i.stage)::int, 0)
                    THEN 'retry_wait'
-               WHEN k.gated AND ($5 = 'succeeded' OR $5 = 'already_installed' AND k.tries > 1)
+               WHEN k.gated
+                    AND (i.state = 'succeeded' OR i.state = 'already_installed' AND k.tries > 1)
                    THEN 'health_check'
-               WHEN $5 = 'deferred' AND $7 = 'postponed' AND NOT k.live
+               WHEN i.state = 'deferred' AND i.stage = 'postponed' AND NOT k.live
                    THEN 'canceled'
-               ELSE $5
+               ELSE i.state
            END AS state,
-           ($5 = 'deferred' AND $7 = 'postponed' AND k.admitted_at IS NOT NULL AND k.live)
-               AS postponed,
+           (i.state = 'deferred' AND i.stage = 'postponed' AND k.admitted_at IS NOT NULL
+            AND k.live) AS postponed,
            NOT k.live AS stopped,
            k.policy, k.tries
-    FROM known k
+    FROM known k JOIN input i ON i.ord = k.ord
 ), moved AS (
     UPDATE executions e
-    SET state = d.state, progress = $6, stage = $7, error_code = $8, detail = $9,
-        package = $13, last_seq = $4, updated_at = $11::timestamptz, resends = 0,
+    SET state = d.state, progress = i.progress, stage = i.stage, error_code = i.error_code,
+        detail = i.detail, package = i.package, last_seq = i.seq,
+        updated_at = $11::timestamptz, resends = 0,
         finished_at = CASE WHEN ns.final THEN $11::timestamptz END,
         phase_since = CASE WHEN ns.phase IS DISTINCT FROM os.phase THEN $11::timestamptz
                            ELSE e.phase_since END,
-        -- A late report of an attempt the controller had taken back puts it back in the
-        -- terminal's hands (and under its deadlines).
         admitted_at = CASE WHEN d.state = 'retry_wait' OR d.postponed THEN NULL
                            ELSE coalesce(e.admitted_at, $11::timestamptz) END,
         next_attempt_at = CASE
@@ -88,40 +94,47 @@ WITH known AS (
                 THEN $11::timestamptz + make_interval(secs => (d.policy ->> 'postpone_delay_s')::float8)
             ELSE e.next_attempt_at END,
         postpones = e.postpones + d.postponed::int,
-        -- A terminal of a stopped campaign that still reports is told to stop again.
         cancel_sent_at = CASE WHEN d.stopped THEN NULL ELSE e.cancel_sent_at END
-    FROM decided d, execution_states ns, execution_states os
-    WHERE e.campaign_id = $3 AND e.terminal_id = $2 AND ns.state = d.state
+    FROM decided d
+    JOIN input i ON i.ord = d.ord
+    JOIN execution_states ns ON ns.state = d.state,
+         execution_states os
+    WHERE e.campaign_id = i.campaign_id AND e.terminal_id = i.terminal_id
       AND os.state = e.state
-      AND (SELECT is_new FROM fresh)
-      AND $4 > e.last_seq
-      -- A report of an attempt older than the current one changes nothing.
-      AND ($12::integer IS NULL OR $12::integer >= e.attempt)
-      AND NOT (e.state = d.state AND e.progress IS NOT DISTINCT FROM $6)
+      AND d.ord IN (SELECT ord FROM fresh)
+      AND i.seq > e.last_seq
+      AND (i.attempt IS NULL OR i.attempt >= e.attempt)
+      AND NOT (e.state = d.state AND e.progress IS NOT DISTINCT FROM i.progress)
       AND EXISTS (
           SELECT 1 FROM state_transitions t WHERE t.from_state = e.state AND t.to_state = d.state)
-    RETURNING e.state
+    RETURNING d.ord, e.state
 ), seqs AS (
-    UPDATE terminals
-    SET seq_gaps = seq_gaps + (last_event_seq > 0 AND $4 > last_event_seq + 1)::int,
-        last_event_seq = greatest(last_event_seq, $4)
-    WHERE id = $2 AND (SELECT is_new FROM fresh)
+    UPDATE terminals t
+    SET seq_gaps = t.seq_gaps + (t.last_event_seq > 0 AND i.seq > t.last_event_seq + 1)::int,
+        last_event_seq = greatest(t.last_event_seq, i.seq)
+    FROM input i
+    WHERE t.id = i.terminal_id AND i.ord IN (SELECT ord FROM fresh)
     RETURNING 1
 ), ins AS (
     INSERT INTO update_events (msg_id, terminal_id, campaign_id, seq, state, progress, stage,
                                error_code, detail, device_ts, applied, attempt, package,
                                received_at)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10), EXISTS (SELECT 1 FROM moved),
-           $12, $13, $11::timestamptz
-    WHERE (SELECT is_new FROM fresh)
+    SELECT i.msg_id, i.terminal_id, i.campaign_id, i.seq, i.state, i.progress, i.stage,
+           i.error_code, i.detail, to_timestamp(i.device_ts),
+           i.ord IN (SELECT ord FROM moved), i.attempt, i.package, $11::timestamptz
+    FROM input i
+    WHERE i.ord IN (SELECT ord FROM fresh)
     ON CONFLICT (msg_id) DO NOTHING
-    RETURNING 1
+    RETURNING msg_id
 )
-SELECT EXISTS (SELECT 1 FROM known) AS known,
-       EXISTS (SELECT 1 FROM ins) AS inserted,
-       EXISTS (SELECT 1 FROM moved) AS moved,
-       (SELECT state FROM moved) AS new_state,
-       (SELECT count(*) FROM seqs)::int AS seq_rows;
+SELECT i.ord,
+       i.ord IN (SELECT ord FROM known) AS known,
+       i.msg_id IN (SELECT msg_id FROM ins) AS inserted,
+       m.ord IS NOT NULL AS moved,
+       m.state AS new_state,
+       (SELECT count(*) FROM seqs)::int AS seq_rows
+FROM input i LEFT JOIN moved m ON m.ord = i.ord
+ORDER BY i.ord;
 
 -- name: touch_terminals
 -- Coalesced last-seen: one row per terminal per batch, newest heartbeat wins. heartbeat_at

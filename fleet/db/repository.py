@@ -8,7 +8,7 @@ import json
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -64,6 +64,24 @@ class EventOutcome:
     moved: bool
     #: The state the execution moved to (it may differ from the reported one).
     new_state: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One state event as `record_events` takes it (field order is the query's)."""
+
+    msg_id: str
+    terminal_id: str
+    campaign_id: int
+    seq: int
+    state: str
+    progress: int | None
+    stage: str | None
+    error_code: str | None
+    detail: str | None
+    device_ts: float
+    attempt: int | None = None
+    package: str | None = None
 
 
 @dataclass(frozen=True)
@@ -199,50 +217,28 @@ class Queries:
         """Return a package row by name and version."""
         return await self._conn.fetchrow(QUERIES["package_by_name"], name, version)
 
-    async def record_event(
-        self,
-        *,
-        msg_id: str,
-        terminal_id: str,
-        campaign_id: int,
-        seq: int,
-        state: str,
-        progress: int | None,
-        stage: str | None,
-        error_code: str | None,
-        detail: str | None,
-        device_ts: float,
-        at: datetime,
-        attempt: int | None = None,
-        package: str | None = None,
-    ) -> EventOutcome:
-        """Store one state event idempotently and apply it if it is new and legal.
+    async def record_event(self, row: "EventRow", at: datetime) -> EventOutcome:
+        """Store one state event; `record_events` with a single row."""
+        [outcome] = await self.record_events([row], at)
+        return outcome
 
-        `at` is the controller's clock, which every campaign deadline compares with.
+    async def record_events(self, rows: Sequence["EventRow"], at: datetime) -> list[EventOutcome]:
+        """Store state events idempotently and apply each that is new and legal.
+
+        `rows` must name distinct terminals (see the query); `at` is the controller's
+        clock, which every campaign deadline compares with. One outcome per row, in order.
         """
-        row = await self._conn.fetchrow(
-            QUERIES["record_event"],
-            msg_id,
-            terminal_id,
-            campaign_id,
-            seq,
-            state,
-            progress,
-            stage,
-            error_code,
-            detail,
-            device_ts,
-            at,
-            attempt,
-            package,
-        )
-        assert row is not None
-        return EventOutcome(
-            known=row["known"],
-            inserted=row["inserted"],
-            moved=row["moved"],
-            new_state=row["new_state"],
-        )
+        if not rows:
+            return []
+        columns = [list(column) for column in zip(*map(astuple, rows), strict=True)]
+        # $11 is the clock, between the event's own fields and the two added later.
+        records = await self._conn.fetch(QUERIES["record_events"], *columns[:10], at, *columns[10:])
+        return [
+            EventOutcome(
+                known=r["known"], inserted=r["inserted"], moved=r["moved"], new_state=r["new_state"]
+            )
+            for r in records
+        ]
 
     async def touch_terminals(
         self,
