@@ -348,21 +348,29 @@ def decode(topic: str, payload: bytes) -> TerminalMessage:
     if _NUL_ESCAPE.search(payload):
         # PostgreSQL text and jsonb cannot hold U+0000; refuse it here, not in a batch.
         raise ProtocolError(RejectReason.INVALID, "U+0000 in a string")
-    try:
-        raw = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(RejectReason.MALFORMED, str(exc)) from None
-    if not isinstance(raw, dict):
-        raise ProtocolError(RejectReason.MALFORMED, "payload is not a JSON object")
-    if raw.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(RejectReason.UNSUPPORTED_VERSION, repr(raw.get("v"))[:50])
+    # Validated in one pass, the hot path; only a refusal is parsed again to say why.
     try:
         message = model.model_validate_json(payload)
     except ValidationError as exc:
-        raise ProtocolError(RejectReason.INVALID, _summarise(exc)) from None
+        raise _refusal(payload, exc) from None
+    if "v" not in message.model_fields_set:
+        raise ProtocolError(RejectReason.UNSUPPORTED_VERSION, "None")
     if message.tid != tid:
         raise ProtocolError(RejectReason.TID_MISMATCH, f"topic {tid} payload {message.tid}")
     return message
+
+
+def _refusal(payload: bytes, exc: ValidationError) -> ProtocolError:
+    """Why a payload failed validation: not JSON, another protocol version, or the schema."""
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return ProtocolError(RejectReason.MALFORMED, str(error))
+    if not isinstance(raw, dict):
+        return ProtocolError(RejectReason.MALFORMED, "payload is not a JSON object")
+    if raw.get("v") != PROTOCOL_VERSION:
+        return ProtocolError(RejectReason.UNSUPPORTED_VERSION, repr(raw.get("v"))[:50])
+    return ProtocolError(RejectReason.INVALID, _summarise(exc))
 
 
 def decode_desired(payload: bytes) -> DesiredState:

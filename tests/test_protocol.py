@@ -74,6 +74,11 @@ def test_decode_accepts_a_valid_event() -> None:
         ),
         (
             "fleet/v1/t/T1/events",
+            json.dumps({k: v for k, v in _event().items() if k != "v"}).encode(),
+            p.RejectReason.UNSUPPORTED_VERSION,
+        ),
+        (
+            "fleet/v1/t/T1/events",
             json.dumps(_event(state="pending")).encode(),
             p.RejectReason.INVALID,
         ),
