@@ -31,7 +31,7 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 class Benchmark:
     """A benchmark's entry point and its time budget at full size."""
 
-    run: Callable[[Context], Awaitable[Result]]
+    run: Callable[[Context, Result], Awaitable[None]]
     budget_s: float
     command: str
 
@@ -65,14 +65,16 @@ async def _run_one(name: str, ctx: Context, budget_s: float) -> Result:
     bench = BENCHMARKS[name]
     say(f"\n== {name} (budget {budget_s:.0f} s) ==")
     started = time.monotonic()
+    # Filled as the benchmark goes: what it measured before a timeout or a failure stays.
+    result = Result(name, bench.command)
     try:
         async with asyncio.timeout(budget_s):
-            result = await bench.run(ctx)
+            await bench.run(ctx, result)
     except TimeoutError:
-        result = Result(name, bench.command, error=f"exceeded its time budget of {budget_s:.0f} s")
+        result.error = f"exceeded its time budget of {budget_s:.0f} s"
     except Exception as exc:
         logging.getLogger("bench").exception("%s failed", name)
-        result = Result(name, bench.command, error=f"{type(exc).__name__}: {exc}")
+        result.error = f"{type(exc).__name__}: {exc}"
     result.elapsed_s = round(time.monotonic() - started, 1)
     say(f"-- {name}: {result.elapsed_s:.0f} s{'; ERROR ' + result.error if result.error else ''}")
     for figure in result.figures:

@@ -369,8 +369,6 @@ async def ceilings(ctx: Context, result: Result) -> Ceilings:
     return found
 
 
-async def run(ctx: Context) -> Result:
+async def run(ctx: Context, result: Result) -> None:
     """The ceilings benchmark on its own."""
-    result = Result(NAME, COMMAND)
     await ceilings(ctx, result)
-    return result

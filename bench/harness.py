@@ -496,13 +496,15 @@ class Process:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> bytes:
-        """Signal it, wait (SIGKILL after a timeout) and return what it wrote to stdout."""
+    async def stop(
+        self, sig: signal.Signals = signal.SIGTERM, timeout_s: float = _STOP_TIMEOUT_S
+    ) -> bytes:
+        """Signal it, wait (SIGKILL after `timeout_s`) and return what it wrote to stdout."""
         if self.running:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(sig)
         try:
-            async with asyncio.timeout(_STOP_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
                 stdout, _ = await self.process.communicate()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
@@ -617,9 +619,11 @@ def note_deaths(result: Result, processes: Sequence[Process]) -> bool:
     return died
 
 
-async def stop_simulator(simulator: Process) -> dict[str, Any] | None:
-    """Stop a simulator and return its JSON report (None if it died without one)."""
-    stdout = await simulator.stop()
+async def stop_simulator(
+    simulator: Process, timeout_s: float = _STOP_TIMEOUT_S
+) -> dict[str, Any] | None:
+    """Stop a simulator and return its JSON report (None if it died or was killed)."""
+    stdout = await simulator.stop(timeout_s=timeout_s)
     try:
         report: dict[str, Any] = json.loads(stdout)
     except ValueError:

@@ -67,9 +67,8 @@ async def _pause(dsn: str, campaign_id: int) -> None:
         await repo.close()
 
 
-async def run(ctx: Context) -> Result:
+async def run(ctx: Context, result: Result) -> None:
     """Burst the mix at a running controller, `reps` times; figures are medians."""
-    result = Result(NAME, COMMAND)
     ceiling = await ceilings.ceilings(ctx, result)
     mix, reps = ceilings.mix_of(ctx), ceilings.reps_of(ctx)
     ids = terminal_ids(mix.terminals)
@@ -138,7 +137,6 @@ async def run(ctx: Context) -> Result:
             met=lost == 0 and len(rates) == reps,
         )
     )
-    return result
 
 
 async def _one_run(

@@ -94,11 +94,10 @@ def _latency_figures(result: Result, label: str, found: dict[str, Any], seconds:
     )
 
 
-async def run(ctx: Context) -> Result:
+async def run(ctx: Context, result: Result) -> None:
     """Paced publisher first, then the simulator, against one running controller."""
-    result = Result(NAME, COMMAND)
     terminals = 50 if ctx.smoke else 10_000
-    window_s = 1.5 if ctx.smoke else 20.0
+    window_s = 1.5 if ctx.smoke else 15.0
     ids = terminal_ids(terminals)
     spec = ceilings.broker_spec(ids) | {"groups": {BENCH_GROUP: ids}}
     say(f"latency: {terminals:,} terminals at 1 heartbeat/s, {window_s:.0f} s windows")
@@ -113,7 +112,6 @@ async def run(ctx: Context) -> Result:
         finally:
             await conn.close()
             await controller.stop()
-    return result
 
 
 async def _paced(
@@ -177,7 +175,7 @@ async def _simulated(
             return n >= len(ids) or not all(s.running for s in simulators)
 
         t0 = time.monotonic()
-        connected = await wait_until(online, timeout_s=30 if ctx.smoke else 90, every_s=1.0)
+        connected = await wait_until(online, timeout_s=30 if ctx.smoke else 60, every_s=1.0)
         online_n = int(await conn.fetchval(_BOOTED))
         say(f"  simulator: {online_n:,} terminals said hello in {time.monotonic() - t0:.0f} s")
         note_deaths(result, simulators)
@@ -192,7 +190,7 @@ async def _simulated(
         sim_cpu = sum(cpu_seconds(pid) - c for pid, c in cpu.items() if alive(pid))
         controller_cpu = cpu_seconds(controller_pid) - cpu_controller
     finally:
-        reports = [await stop_simulator(s) for s in simulators]
+        reports = [await stop_simulator(s, timeout_s=30) for s in simulators]
     found = await _latency(conn, start, end, int(len(ids) * window_s))
     _latency_figures(result, f"simulator, {processes} processes", found, window_s)
     result.details["simulator"] = found | {

@@ -34,9 +34,8 @@ async def _settled_rss(pid: int, seconds: float) -> int:
     return peak
 
 
-async def run(ctx: Context) -> Result:
+async def run(ctx: Context, result: Result) -> None:
     """Register, start, settle, read; grow the fleet; again."""
-    result = Result(NAME, COMMAND)
     sizes = [50, 500] if ctx.smoke else [10_000, 100_000]
     settle_s = 0.5 if ctx.smoke else 8.0
     readings: dict[int, int] = {}
@@ -65,4 +64,3 @@ async def run(ctx: Context) -> Result:
         if growth < 100
         else "the controller's memory grows with the registered fleet"
     )
-    return result
