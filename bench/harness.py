@@ -236,6 +236,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def box_cpu() -> tuple[float, float]:
+    """Busy and total CPU seconds of the whole machine so far (all cores, /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])
+    return (total - idle) / _CLK_TCK, total / _CLK_TCK
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -20,6 +20,7 @@ from bench.harness import (
     Figure,
     Result,
     Stack,
+    box_cpu,
     controller_settings,
     cpu_seconds,
     median,
@@ -160,6 +161,7 @@ async def _one_run(
         connections=ceilings.PUBLISHERS,
     )
     hb0, ev0, dead0 = await _counts(conn)
+    broker0, (busy0, total0) = cpu_seconds(servers.broker.pid), box_cpu()
     cpu0, wall0, perf0 = cpu_seconds(pid), time.time(), time.perf_counter()
     stats = await loadpub.burst(
         servers.broker.host,
@@ -183,6 +185,7 @@ async def _one_run(
         elif time.monotonic() - last_change > _STALL_S:
             break
         await asyncio.sleep(0.5)
+    broker1, (busy1, total1) = cpu_seconds(servers.broker.pid), box_cpu()
     last_commit = await conn.fetchval(_LAST_COMMIT, datetime.fromtimestamp(ts - 0.001, UTC))
     lost = stats.acked - stored
     say(
@@ -200,5 +203,17 @@ async def _one_run(
     elapsed = last_commit.timestamp() - first_send
     rate = stored / elapsed
     cpu_per = (cpu1 - cpu0) / stored * 1e6
-    say(f"  run {rep + 1}: {rate:,.0f} msg/s committed, {cpu_per:.1f} µs controller CPU each")
+    busy = (busy1 - busy0) / max(1e-9, total1 - total0) * 100
+    say(
+        f"  run {rep + 1}: {rate:,.0f} msg/s committed, {cpu_per:.1f} µs controller CPU each; "
+        f"broker {(broker1 - broker0) / stored * 1e6:.1f} µs each; machine {busy:.0f}% busy"
+    )
+    result.details.setdefault("runs", []).append(
+        {
+            "msgs_s": round(rate),
+            "controller_cpu_us_per_msg": round(cpu_per, 2),
+            "broker_cpu_us_per_msg": round((broker1 - broker0) / stored * 1e6, 2),
+            "machine_busy_percent_of_all_cores": round(busy, 1),
+        }
+    )
     return rate, cpu_per, lost

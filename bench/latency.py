@@ -25,6 +25,7 @@ from bench.harness import (
     Result,
     Stack,
     alive,
+    box_cpu,
     controller_settings,
     cpu_seconds,
     note_deaths,
@@ -184,11 +185,16 @@ async def _simulated(
         await asyncio.sleep(0.5 if ctx.smoke else 2.0)
         cpu = {s.pid: cpu_seconds(s.pid) for s in simulators if s.running}
         cpu_controller = cpu_seconds(controller_pid)
+        cpu_broker = cpu_seconds(servers.broker.pid)
+        busy0, total0 = box_cpu()
         start = time.time()
         await asyncio.sleep(window_s)
         end = time.time()
         sim_cpu = sum(cpu_seconds(pid) - c for pid, c in cpu.items() if alive(pid))
         controller_cpu = cpu_seconds(controller_pid) - cpu_controller
+        broker_cpu = cpu_seconds(servers.broker.pid) - cpu_broker
+        busy1, total1 = box_cpu()
+        machine_busy = (busy1 - busy0) / max(1e-9, total1 - total0) * 100
     finally:
         reports = [await stop_simulator(s, timeout_s=30) for s in simulators]
     found = await _latency(conn, start, end, int(len(ids) * window_s))
@@ -197,6 +203,8 @@ async def _simulated(
         "online": online_n,
         "simulator_cpu_percent": round(sim_cpu / window_s * 100, 1),
         "controller_cpu_percent": round(controller_cpu / window_s * 100, 1),
+        "broker_cpu_percent": round(broker_cpu / window_s * 100, 1),
+        "machine_busy_percent_of_all_cores": round(machine_busy, 1),
         "reports": [
             {k: r.get(k) for k in ("terminals", "connected", "heartbeats_sent")} if r else None
             for r in reports
@@ -204,11 +212,13 @@ async def _simulated(
     }
     say(
         f"  simulator CPU {sim_cpu / window_s * 100:.0f}% of a core (all processes), "
-        f"controller {controller_cpu / window_s * 100:.0f}%"
+        f"controller {controller_cpu / window_s * 100:.0f}%, "
+        f"broker {broker_cpu / window_s * 100:.0f}%; machine {machine_busy:.0f}% busy"
     )
     if found["n"] < 0.95 * len(ids) * window_s:
         result.note(
             f"the simulator delivered {found['n'] / window_s:,.0f} of {len(ids):,} heartbeats/s "
             f"(simulator CPU {sim_cpu / window_s * 100:.0f}% of a core over "
-            f"{processes} processes)"
+            f"{processes} processes, broker {broker_cpu / window_s * 100:.0f}%, "
+            f"machine {machine_busy:.0f}% busy)"
         )

@@ -53,15 +53,18 @@ def render_table(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, bench in results["benchmarks"].items():
+        command = f"`{bench['command']}`"
+        if bench.get("date", results["date"]) != results["date"]:
+            # Merged from an earlier run of only some benchmarks.
+            command += f" (run {bench['date']}, commit `{bench.get('commit', '')[:12]}`)"
         if bench.get("error"):
             lines.append(
-                f"| {name} | did not finish: {_cell(bench['error'][:200])} | — | — | — "
-                f"| `{bench['command']}` |"
+                f"| {name} | stopped early: {_cell(bench['error'][:200])} | — | — | — | {command} |"
             )
         lines.extend(
             f"| {name} | {_cell(raw['name'])}: **{number(raw['value'], raw['unit'])}** "
             f"| {_cell(_ceiling(raw))} | {_ratio(raw)} | {_cell(_target(raw))} "
-            f"| `{bench['command']}` |"
+            f"| {command} |"
             for raw in bench["figures"]
         )
     notes = [(name, n) for name, bench in results["benchmarks"].items() for n in bench["notes"]]
