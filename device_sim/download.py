@@ -2,7 +2,9 @@
 
 Nothing is stored: bytes are hashed as they arrive and dropped, so memory stays at one
 chunk per terminal whatever the package size. The hasher and the offset survive a
-dropped connection, so the retry asks for ``Range: bytes={offset}-`` and carries on.
+dropped connection, so the retry asks for ``Range: bytes={offset}-`` and carries on. A
+body that ends before the advertised size (a server or proxy that closes early) is
+resumed the same way; the verification after the download still checks length and hash.
 """
 
 import asyncio
@@ -48,6 +50,8 @@ class DownloadPlan:
     retry_s: float = 0.5
     drop_at: int | None = None
     corrupt_at: int | None = None
+    #: Injected: the server ends the body cleanly once this offset is reached.
+    truncate_at: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -66,23 +70,40 @@ class _Progress:
     hasher: "hashlib._Hash" = dataclasses.field(default_factory=hashlib.sha256)
     drop_at: int | None = None
     corrupt_at: int | None = None
+    truncate_at: int | None = None
     resumed: int = 0
+    on_fault: Callable[[str], None] | None = None
+
+    def injected(self, kind: str) -> None:
+        if self.on_fault is not None:
+            self.on_fault(kind)
 
 
 ProgressCallback = Callable[[int], Awaitable[None]]
 
 
-async def download(plan: DownloadPlan, on_progress: ProgressCallback) -> DownloadResult:
+async def download(
+    plan: DownloadPlan,
+    on_progress: ProgressCallback,
+    *,
+    on_fault: Callable[[str], None] | None = None,
+) -> DownloadResult:
     """Fetch `plan.url`, resuming after drops, and return the length and hash received.
 
-    `on_progress` is awaited with the byte offset after every chunk. A body that ends
-    early on the server's own terms is returned as is; verification judges it.
+    `on_progress` is awaited with the byte offset after every chunk; `on_fault` is called
+    with `download_drop`, `truncate` or `corrupt` when an injected fault takes effect. A
+    body that ends short of `plan.size` counts as a failed attempt and is resumed.
 
     Raises:
         DownloadFailedError: too many failed attempts (DOWNLOAD_FAILED), or the server
             sent more than the advertised size (SIZE_EXCEEDED).
     """
-    state = _Progress(drop_at=plan.drop_at, corrupt_at=plan.corrupt_at)
+    state = _Progress(
+        drop_at=plan.drop_at,
+        corrupt_at=plan.corrupt_at,
+        truncate_at=plan.truncate_at,
+        on_fault=on_fault,
+    )
     for attempt in range(1, plan.max_attempts + 1):
         if attempt > 1:
             state.resumed += 1
@@ -138,6 +159,8 @@ async def _attempt(plan: DownloadPlan, state: _Progress, on_progress: ProgressCa
         await _read_body(
             plan, state, reader, status=status, headers=headers, on_progress=on_progress
         )
+        if state.offset < plan.size:
+            raise _AttemptError(f"body ended at {state.offset} of {plan.size} bytes")
     finally:
         writer.close()
         with contextlib.suppress(OSError, TimeoutError):
@@ -190,6 +213,17 @@ async def _read_body(
     async for data in _body_chunks(plan, reader, headers):
         if state.offset + len(data) > plan.size:
             raise DownloadFailedError("SIZE_EXCEEDED", f"more than {plan.size} bytes")
+        cut = state.truncate_at
+        if cut is not None and state.offset + len(data) >= cut:
+            # As if the server closed the connection cleanly here: the body just ends.
+            state.truncate_at = None
+            state.injected("truncate")
+            head = data[: max(0, cut - state.offset)]
+            if head:
+                state.hasher.update(_maybe_corrupt(state, head))
+                state.offset += len(head)
+                await on_progress(state.offset)
+            return
         chunk = _maybe_corrupt(state, data)
         state.hasher.update(chunk)
         state.offset += len(chunk)
@@ -200,6 +234,7 @@ async def _read_body(
             await asyncio.sleep(ahead)
         if state.drop_at is not None and state.offset >= state.drop_at:
             state.drop_at = None
+            state.injected("download_drop")
             raise _AttemptError(f"injected connection drop at {state.offset}")
 
 
@@ -208,6 +243,7 @@ def _maybe_corrupt(state: _Progress, data: bytes) -> bytes:
     if at is None or not state.offset <= at < state.offset + len(data):
         return data
     state.corrupt_at = None
+    state.injected("corrupt")
     flipped = bytearray(data)
     flipped[at - state.offset] ^= 0xFF
     return bytes(flipped)
