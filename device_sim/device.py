@@ -7,6 +7,12 @@ installs them one by one in `KIND_ORDER`, each with its own backup, install, reb
 (firmware and app) and self-test; a failed package is rolled back alone, and the packages
 after it are not attempted.
 
+Storage is A/B (device_sim/storage.py): a package is written to the inactive slot, the
+boot control block switches to it, and the new slot is confirmed only after its
+self-test. An injected power loss at a named point (`PowerLossPoint`) ends every task of
+the terminal at once; it boots again from what flash holds and reports what became of
+the attempt: resumed on the new release, or failed/rolled back on the old one.
+
 The terminal talks only through a `Link`, so the whole behaviour runs against an in-memory
 fake in unit tests. Its message task notices a lost connection and reconnects; nothing
 that task awaits waits for a reconnect (those link calls fail fast), so the terminal
@@ -19,18 +25,21 @@ import collections
 import contextlib
 import copy
 import dataclasses
-import hashlib
-import json
+import datetime as dt
 import logging
+import math
 import random
 import time
 import types
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, NoReturn, cast
+from zoneinfo import ZoneInfo
 
-from device_sim.config import SimConfig
+from device_sim.config import PowerLossPoint, SimConfig
 from device_sim.download import DownloadFailedError, DownloadPlan, download
 from device_sim.link import Link, LinkLostError
+from device_sim.stats import Stats
+from device_sim.storage import Boot, Data, Flash, checksum
 from fleet import protocol
 from fleet.protocol import (
     KIND_ORDER,
@@ -47,6 +56,7 @@ from fleet.states import FINAL, ExecState
 logger = logging.getLogger(__name__)
 
 S = ExecState
+P = PowerLossPoint
 _QUEUE_MAX = 64
 _HELD_MAX = 64
 _REPLIES_MAX = 16
@@ -59,18 +69,56 @@ _CURRENCIES = ("EUR", "USD", "GBP", "CHF")
 #: Packages whose install only takes effect after a reboot (parameters apply at once).
 _REBOOTS = frozenset({PackageKind.FIRMWARE, PackageKind.APP})
 
-Data = dict[str, Any]
+#: What the agent reports when the power went at a point and the terminal came back on
+#: the old release: nothing of the package was live, so the attempt ends there. Before
+#: the backup is complete nothing was changed (`failed`); from then on the package's
+#: install had begun and its old version and data are what the terminal runs now
+#: (`rolled_back`). The stage is the failure class the controller's retries go by.
+#: After the switch, one power loss brings the terminal back on the new slot, which
+#: resumes, unless it cut that slot's first start or self-test (the bootloader falls
+#: back); the rows for later points keep the table total all the same.
+_ON_OLD_AFTER_POWER_LOSS: dict[PowerLossPoint, tuple[ExecState, str]] = {
+    P.AFTER_DOWNLOAD: (S.FAILED, "install"),
+    P.DURING_BACKUP: (S.FAILED, "install"),
+    P.DURING_WRITE_INACTIVE_SLOT: (S.ROLLED_BACK, "install"),
+    P.AFTER_WRITE_BEFORE_SWITCH: (S.ROLLED_BACK, "install"),
+    P.DURING_SLOT_SWITCH: (S.ROLLED_BACK, "install"),
+    P.AFTER_SWITCH_BEFORE_REBOOT: (S.ROLLED_BACK, "install"),
+    P.DURING_FIRST_BOOT: (S.ROLLED_BACK, "install"),
+    P.DURING_SELF_TEST: (S.ROLLED_BACK, "self_test"),
+    P.AFTER_CONFIRM: (S.ROLLED_BACK, "self_test"),
+}
 
 
-def checksum(data: Data) -> str:
-    """Return the SHA-256 of a data store's canonical JSON."""
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
+def _pick(rng: random.Random, weights: Mapping[str, float]) -> str:
+    names = sorted(weights)
+    return rng.choices(names, weights=[weights[n] for n in names])[0]
+
+
+def _version(rng: random.Random, spec: str | Mapping[str, float]) -> str:
+    return spec if isinstance(spec, str) else _pick(rng, spec)
+
+
+def initial_data(profile: "TerminalProfile") -> Data:
+    """The data store a terminal holds when the simulator starts."""
+    return {
+        "pending_txns": [dict(t) for t in profile.pending_txns],
+        "config": {
+            "merchant_id": profile.merchant_id,
+            "timezone": profile.timezone,
+            "receipt_footer": "Thank you",
+        },
+    }
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TerminalProfile:
-    """What a terminal is and holds when the simulator starts."""
+    """What a terminal is and holds when the simulator starts.
+
+    `versions` is shared with the terminal's flash slots: it is never changed in place.
+    `busy_hours`, `merchant_kind` and `link_class` are the scenario's own objects, not
+    per-terminal copies.
+    """
 
     tid: str
     model: str
@@ -79,21 +127,26 @@ class TerminalProfile:
     merchant_id: str
     timezone: str
     pending_txns: tuple[dict[str, Any], ...]
+    merchant_kind: str = ""
+    #: Local-time ranges (minutes since midnight) when the merchant is selling.
+    busy_hours: tuple[tuple[int, int], ...] = ()
+    link_class: str = ""
+    link_bps: int = 1_000_000
+    battery_pct: int = 100
+    charging: bool = False
+    clock_skew_s: float = 0.0
 
     @classmethod
     def from_config(cls, config: SimConfig, index: int) -> "TerminalProfile":
-        """Derive terminal number `index` deterministically from the configuration."""
+        """Derive terminal number `index` deterministically from the configuration.
+
+        Only the seed and the absolute number matter, so processes that share a fleet by
+        id range derive the same terminal. The draws keep their order (model,
+        transactions, time zone first), so a seed keeps its fleet as options are added.
+        """
         tid = config.terminal_id(index)
         rng = random.Random(f"{config.seed}:{tid}:profile")
-        models = sorted(config.models)
-        model = rng.choices(models, weights=[config.models[m] for m in models])[0]
-        if tid in config.group_map:
-            groups = tuple(config.group_map[tid])
-        elif config.group_rule == "all":
-            groups = tuple(config.groups)
-        else:
-            groups = (config.groups[index % len(config.groups)],)
-        merchants = config.merchants or [f"M{index // 4:06d}"]
+        model = _pick(rng, config.models)
         txns = tuple(
             {
                 "id": f"{tid}-{n}",
@@ -102,15 +155,66 @@ class TerminalProfile:
             }
             for n in range(rng.randint(0, config.pending_txns_max))
         )
+        timezone = _pick(rng, config.timezones) if config.timezones else "UTC"
+        specs = config.initial_versions | config.model_versions.get(model, {})
+        versions = {name: _version(rng, spec) for name, spec in specs.items()}
+        groups = _groups(config, index, tid, model, timezone, rng)
+        if config.merchants:
+            merchant_id = config.merchants[index % len(config.merchants)]
+        else:
+            merchant_id = f"M{index // config.terminals_per_merchant:06d}"
+        merchant_kind, busy_hours = "", cast("tuple[tuple[int, int], ...]", ())
+        if config.merchant_profiles:
+            # Drawn per merchant, so all of a merchant's terminals share its hours.
+            kinds = {m.name: m.weight for m in config.merchant_profiles}
+            kind = _pick(random.Random(f"{config.seed}:{merchant_id}:merchant"), kinds)
+            merchant = next(m for m in config.merchant_profiles if m.name == kind)
+            merchant_kind, busy_hours = merchant.name, merchant.busy_hours
+        link_class, link_bps = "", config.timing.download_bps
+        if config.link_classes:
+            link_class = _pick(rng, {n: c.weight for n, c in config.link_classes.items()})
+            chosen = config.link_classes[link_class]
+            factor = 1 + chosen.jitter * (2 * rng.random() - 1)
+            link_bps = max(1, round(chosen.bytes_per_s * factor))
+        battery = config.battery
+        charging = battery.charging_share > 0 and rng.random() < battery.charging_share
+        faults = config.faults
+        skew = 0.0
+        if faults.clock_skew_share > 0 and rng.random() < faults.clock_skew_share:
+            skew = rng.uniform(-faults.clock_skew_max_s, faults.clock_skew_max_s)
         return cls(
             tid=tid,
             model=model,
-            versions=dict(config.initial_versions),
+            versions=versions,
             groups=groups,
-            merchant_id=merchants[index % len(merchants)],
-            timezone=rng.choice(config.timezones) if config.timezones else "UTC",
+            merchant_id=merchant_id,
+            timezone=timezone,
             pending_txns=txns,
+            merchant_kind=merchant_kind,
+            busy_hours=busy_hours,
+            link_class=link_class,
+            link_bps=link_bps,
+            battery_pct=rng.randint(battery.start_min_pct, battery.start_max_pct),
+            charging=charging,
+            clock_skew_s=skew,
         )
+
+
+def _groups(
+    config: SimConfig, index: int, tid: str, model: str, timezone: str, rng: random.Random
+) -> tuple[str, ...]:
+    if tid in config.group_map:
+        return tuple(config.group_map[tid])
+    rule = config.group_rule
+    if rule == "all":
+        return tuple(config.groups)
+    if rule == "random":
+        return (_pick(rng, config.groups),)
+    key = model if rule == "by_model" else timezone if rule == "by_timezone" else None
+    if key is not None and key in config.group_by:
+        return tuple(config.group_by[key])
+    names = list(config.groups)
+    return (names[index % len(names)],)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -140,7 +244,7 @@ class CampaignRecord:
     attempt went through; `resent` are repeats of its final state, each answering a
     `start` the controller sent again because it missed the report. `data_before` and
     `data_after` are checksums of the terminal's data store (pending transactions and
-    local config).
+    local config). `power_losses` names the points where the power went during it.
     """
 
     tid: str
@@ -159,6 +263,7 @@ class CampaignRecord:
     finished_at: float | None = None
     data_after: str | None = None
     versions_after: dict[str, str] | None = None
+    power_losses: tuple[str, ...] = ()
 
     @property
     def settled(self) -> bool:
@@ -190,11 +295,14 @@ class _Admission:
     may_postpone: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Backup:
-    data: Data
-    checksum: str
-    versions: dict[str, str]
+@dataclasses.dataclass(slots=True)
+class _Journal:
+    """The update agent's notes on flash: which package of which attempt got how far."""
+
+    record: CampaignRecord
+    packages: tuple[PackageRef, ...]
+    index: int = 0
+    step: PowerLossPoint = P.AFTER_DOWNLOAD
 
 
 class _CanceledError(Exception):
@@ -209,10 +317,20 @@ class _BrickedError(Exception):
     """The terminal rebooted into a release that never boots."""
 
 
+class _PowerLossError(Exception):
+    """The power went (an injected fault): every task of the terminal ends at once."""
+
+
 Callback = Callable[["Terminal"], None]
 RecordCallback = Callable[[CampaignRecord], None]
 
-_REBOOT = 0  # queue marker: campaign ids start at 1
+_REBOOT = 0  # queue markers: campaign ids start at 1
+_RESUME = -1  # carry on with the attempt the journal holds, after a power loss
+
+
+def _chance(per_hour: float, seconds: float) -> float:
+    """Probability of at least one event in `seconds` at `per_hour` events an hour."""
+    return -math.expm1(-per_hour * seconds / 3600)
 
 
 def _not_attempted(later: Sequence[PackageRef]) -> str | None:
@@ -243,6 +361,7 @@ class Terminal:
         on_connected: Callback | None = None,
         on_record: RecordCallback | None = None,
         on_desired: Callback | None = None,
+        stats: Stats | None = None,
     ) -> None:
         """Set the terminal up in its factory state, without connecting."""
         self.profile = profile
@@ -257,23 +376,22 @@ class Terminal:
         self._on_record = on_record
         self._on_desired_changed = on_desired
         self._rng = random.Random(f"{config.seed}:{profile.tid}")
+        self._stats = stats or Stats()
 
-        self._versions = dict(profile.versions)
+        # Kept on flash, so they survive a power loss: the slots and data (`_flash`), the
+        # install journal, the event seq, the attempts taken (`_highest`) and the groups.
+        self._flash = Flash(profile.versions, initial_data(profile))
+        self._journal: _Journal | None = None
         self._groups: set[str] = set(profile.groups)
-        self._data: Data = {
-            "pending_txns": [dict(t) for t in profile.pending_txns],
-            "config": {
-                "merchant_id": profile.merchant_id,
-                "timezone": profile.timezone,
-                "receipt_footer": "Thank you",
-            },
-        }
         self._seq = 0
         self._boot_id = protocol.new_message_id()
         self._booted_at = time.monotonic()
         self._boots = 0
-        self._battery = self._rng.randint(40, 100)
+        self._battery = float(profile.battery_pct)
+        self._battery_at = time.monotonic()
         self._bricked = False
+        # The point where this package's install loses power (fault injection), if any.
+        self._cut_at: PowerLossPoint | None = None
 
         # Desired states: the latest per campaign (what an attempt installs) and per group
         # (the read-only `desired` view).
@@ -314,8 +432,14 @@ class Terminal:
 
     @property
     def versions(self) -> dict[str, str]:
-        """Installed versions by package name."""
-        return dict(self._versions)
+        """Installed versions by package name (the active slot's release)."""
+        return dict(self._flash.versions)
+
+    @property
+    def inactive_versions(self) -> dict[str, str] | None:
+        """The release in the inactive slot (None while it is written, or torn)."""
+        inactive = self._flash.inactive
+        return None if inactive is None else dict(inactive)
 
     @property
     def groups(self) -> frozenset[str]:
@@ -330,12 +454,38 @@ class Terminal:
     @property
     def pending_txns(self) -> list[dict[str, Any]]:
         """A copy of the offline transactions waiting to be uploaded."""
-        return copy.deepcopy(self._data.get("pending_txns", []))
+        return copy.deepcopy(self._flash.data.get("pending_txns", []))
 
     @property
     def data_checksum(self) -> str:
         """Checksum of the working data store."""
-        return checksum(self._data)
+        return checksum(self._flash.data)
+
+    def data_intact(self) -> bool | None:
+        """Tell whether the data store holds what it did at start-up.
+
+        None while that cannot be judged: an update is under way (the store may be mid-
+        migration), or the terminal is bricked. Nothing but an update touches the store.
+        """
+        if self.updating or self._bricked:
+            return None
+        return self._flash.data_complete and self.data_checksum == checksum(
+            initial_data(self.profile)
+        )
+
+    def storage_settled(self) -> bool | None:
+        """Tell whether flash is settled: one complete, confirmed slot, whole data.
+
+        None while an update is under way or the terminal is bricked.
+        """
+        if self.updating or self._bricked:
+            return None
+        return self._flash.consistent()
+
+    @property
+    def battery_pct(self) -> int:
+        """The battery level now."""
+        return round(self._battery_level())
 
     @property
     def boot_id(self) -> str:
@@ -366,7 +516,7 @@ class Terminal:
     @property
     def updating(self) -> bool:
         """Tell whether an attempt is under way (its data store may be mid-migration)."""
-        return self._running is not None
+        return self._running is not None or self._journal is not None
 
     def set_busy(self, busy: bool) -> None:
         """Hold (or release) the terminal as if a merchant were mid-transaction."""
@@ -375,35 +525,111 @@ class Terminal:
 
     @property
     def busy(self) -> bool:
-        """Tell whether a (simulated) transaction is in progress."""
+        """Tell whether the merchant is selling: a transaction, or their busy hours."""
+        return self._in_sale or self.in_busy_hours()
+
+    @property
+    def _in_sale(self) -> bool:
         return self._busy_forced or time.monotonic() < self._busy_until
+
+    def in_busy_hours(self) -> bool:
+        """Tell whether it is now one of the merchant's busy hours, in local time.
+
+        Real local time, not the terminal's (possibly skewed) clock: customers come when
+        they come.
+        """
+        hours = self.profile.busy_hours
+        if not hours:
+            return False
+        local = dt.datetime.fromtimestamp(protocol.now(), ZoneInfo(self.profile.timezone))
+        minute = local.hour * 60 + local.minute
+        return any(
+            start <= minute < end if start < end else (minute >= start or minute < end)
+            for start, end in hours
+        )
 
     @property
     def txn_error_rate(self) -> float:
         """Fraction of card transactions failing now: degraded by a listed version."""
-        degraded = any(
-            self._versions.get(name) == version
-            for name, version in self._faults.degraded_versions.items()
+        return (
+            self._faults.degraded_error_rate
+            if self._runs_any(self._faults.degraded_versions)
+            else self._faults.txn_error_rate
         )
-        return self._faults.degraded_error_rate if degraded else self._faults.txn_error_rate
+
+    def _runs_any(self, releases: Mapping[str, str]) -> bool:
+        versions = self._flash.versions
+        return any(versions.get(name) == version for name, version in releases.items())
+
+    def _now(self) -> float:
+        """The terminal's own wall clock, skewed by its profile: every timestamp it sends."""
+        return protocol.now() + self.profile.clock_skew_s
+
+    def _battery_level(self) -> float:
+        battery, now = self._config.battery, time.monotonic()
+        hours = (now - self._battery_at) / 3600
+        if self.profile.charging:
+            level = min(100.0, self._battery + battery.charge_pct_per_h * hours)
+        else:
+            level = max(0.0, self._battery - battery.drain_pct_per_h * hours)
+        self._battery, self._battery_at = level, now
+        return level
+
+    def _battery_low(self) -> bool:
+        floor = self._config.battery.min_install_pct
+        return floor > 0 and not self.profile.charging and self._battery_level() < floor
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Boot, then serve messages, heartbeats and updates until cancelled."""
+        """Boot, then serve messages, heartbeats and updates until cancelled.
+
+        A power loss ends every task of the terminal at once, as a power cut ends its
+        processes; the terminal then boots again from what its flash holds.
+        """
         try:
-            async with asyncio.TaskGroup() as tg:
-                # From the start, so a connection lost while booting is noticed and resumed.
-                tg.create_task(self._message_loop(), name=f"{self.tid}/messages")
-                await self._boot()
+            while True:
+                try:
+                    await self._run_powered()
+                except* _PowerLossError:
+                    await self._lose_power()
+        finally:
+            await self._power_off()
+
+    async def _run_powered(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            # From the start, so a connection lost while booting is noticed and resumed.
+            tg.create_task(self._message_loop(), name=f"{self.tid}/messages")
+            await self._boot()
+            if not self.connected.is_set():
                 self.connected.set()
                 if self._on_connected is not None:
                     self._on_connected(self)
-                tg.create_task(self._heartbeat_loop(), name=f"{self.tid}/heartbeat")
-                tg.create_task(self._worker_loop(), name=f"{self.tid}/worker")
-                tg.create_task(self._reply_loop(), name=f"{self.tid}/replies")
-        finally:
-            await self._power_off()
+            if self._journal is not None:
+                self._enqueue_job(_RESUME)
+            tg.create_task(self._heartbeat_loop(), name=f"{self.tid}/heartbeat")
+            tg.create_task(self._worker_loop(), name=f"{self.tid}/worker")
+            tg.create_task(self._reply_loop(), name=f"{self.tid}/replies")
+
+    async def _lose_power(self) -> None:
+        """What a power cut leaves: the broker sees the connection die, and RAM is gone."""
+        self._link.power_off()
+        self._latest.clear()
+        if self._desired:
+            self._desired.clear()
+            if self._on_desired_changed is not None:
+                self._on_desired_changed(self)
+        self._held.clear()
+        self._admitted.clear()
+        self._after_running = None
+        self._running = None
+        self._cancel_requested = False
+        self._jobs = asyncio.Queue(_QUEUE_MAX)
+        self._replies = asyncio.Queue(_REPLIES_MAX)
+        self._seen_commands.clear()
+        self._stale_topics.clear()
+        self._busy_until = 0.0
+        await asyncio.sleep(self._timing.reboot_s)
 
     async def _power_off(self) -> None:
         # Runs while the task is being cancelled: every await is bounded, and a further
@@ -420,7 +646,7 @@ class Terminal:
                     await self._link.disconnect()
 
     async def _connect(self) -> None:
-        delay = 0.05
+        delay, started = 0.05, time.monotonic()
         while True:
             try:
                 async with self._gate:
@@ -430,6 +656,7 @@ class Terminal:
                 await asyncio.sleep(delay * (0.5 + self._rng.random()))
                 delay = min(delay * 2, self._timing.reconnect_max_s)
                 continue
+            self._stats.connected(time.monotonic() - started)
             return
 
     async def _power_on(self) -> None:
@@ -441,9 +668,42 @@ class Terminal:
 
     async def _boot(self) -> None:
         async with self._lifecycle:
-            await self._power_on()
+            bricked = self._start_software()
+            if not bricked:
+                await self._power_on()
+        if bricked:
+            self._brick()
+            await _forever()
         await self._announce_or_leave_it()
         await self._publish_heartbeat()
+
+    def _start_software(self) -> bool:
+        """Start the slot the bootloader picks; return whether it is a bricked release.
+
+        A new slot's first start migrates the local data; it is also where a bricked
+        release hangs (and where a power cut can catch the migration).
+        """
+        outcome = self._flash.boot()
+        if outcome is Boot.FELL_BACK:
+            self._stats.recovery("fell_back")
+        elif outcome is Boot.FIRST:
+            self._flash.start_migration()
+            self._at(P.DURING_FIRST_BOOT)
+            self._flash.finish_migration()
+            return self._runs_any(self._faults.bricked_versions)
+        return False
+
+    def _brick(self) -> None:
+        """The release never comes back: it marked its slot good, then never connects."""
+        self._bricked = True
+        self._flash.confirm()
+        self._stats.fault("bricked")
+        logger.warning("%s: rebooted into a bricked release", self.tid)
+        if self._journal is not None:
+            record = self._journal.record
+            record.bricked = True
+            if self._on_record is not None:
+                self._on_record(record)
 
     async def _announce(self) -> None:
         """Listen, then tell the controller who we are; raises `LinkLostError`.
@@ -491,22 +751,16 @@ class Terminal:
                 topics += [protocol.desired_topic(g) for g in sorted(self._groups)]
             await self._link.subscribe(topics)
 
-    async def _reboot(self, new_versions: dict[str, str] | None = None) -> None:
-        """Restart, into `new_versions` if given; raises `_BrickedError` if it never boots."""
+    async def _reboot(self) -> None:
+        """Restart into the slot the bootloader picks; raises `_BrickedError` if it never boots."""
         async with self._lifecycle:
             with contextlib.suppress(LinkLostError):
                 await self._publish_presence(online=False, wait=False)
             await self._link.disconnect()
             await asyncio.sleep(self._timing.reboot_s)
-            if new_versions is not None:
-                self._versions = dict(new_versions)
-            if any(
-                self._versions.get(name) == version
-                for name, version in self._faults.bricked_versions.items()
-            ):
+            if self._start_software():
                 # Disconnected on purpose, so nothing reconnects: the terminal is gone.
-                self._bricked = True
-                logger.warning("%s: rebooted into a bricked release", self.tid)
+                self._brick()
                 raise _BrickedError
             await self._power_on()
         await self._announce_or_leave_it()
@@ -523,33 +777,34 @@ class Terminal:
             tid=self.tid,
             boot_id=self._boot_id,
             model=self.model,
-            versions=dict(self._versions),
+            versions=dict(self._flash.versions),
             merchant_id=self.profile.merchant_id,
             timezone=self.profile.timezone,
             attributes={"simulated": "true", "boots": str(self._boots)},
-            ts=protocol.now(),
+            ts=self._now(),
         )
         await self._link.publish(self._topic(MessageKind.HELLO), hello.to_bytes(), wait=wait)
 
     async def _publish_presence(self, *, online: bool, wait: bool = True) -> None:
-        presence = protocol.Presence(tid=self.tid, online=online, ts=protocol.now())
+        presence = protocol.Presence(tid=self.tid, online=online, ts=self._now())
         await self._link.publish(
             self._topic(MessageKind.PRESENCE), presence.to_bytes(), retain=True, wait=wait
         )
 
     def heartbeat(self) -> protocol.Heartbeat:
         """Build the heartbeat the terminal would send now."""
+        pending = len(self._flash.data.get("pending_txns", []))
         return protocol.Heartbeat(
             tid=self.tid,
-            ts=protocol.now(),
-            versions=dict(self._versions),
-            battery_pct=self._battery,
-            storage_free_mb=512 - 8 * len(self._data.get("pending_txns", [])),
+            ts=self._now(),
+            versions=dict(self._flash.versions),
+            battery_pct=self.battery_pct,
+            storage_free_mb=512 - 8 * pending,
             busy=self.busy,
             health={
                 protocol.HEALTH_TXN_ERROR_RATE: self.txn_error_rate,
                 "uptime_s": int(time.monotonic() - self._booted_at),
-                "pending_txns": len(self._data.get("pending_txns", [])),
+                "pending_txns": pending,
                 "boots": self._boots,
             },
         )
@@ -563,9 +818,33 @@ class Terminal:
         # Spread the fleet's heartbeats over the interval instead of a thundering herd.
         await asyncio.sleep(self._rng.random() * interval)
         while True:
-            self._battery = max(5, min(100, self._battery + self._rng.choice((-1, 0, 1))))
             await self._publish_heartbeat()
             await asyncio.sleep(interval)
+            # Network faults are drawn here, once a beat, rather than in a task of their own.
+            await self._network_faults(interval)
+
+    async def _network_faults(self, elapsed_s: float) -> None:
+        """Drop the connection now and then, as a flaky network does, or flap it."""
+        faults, rng = self._faults, self._rng
+        if faults.disconnect_per_h and rng.random() < _chance(faults.disconnect_per_h, elapsed_s):
+            self._stats.fault("disconnect")
+            await self._drop_connection(faults.offline_s * (0.5 + rng.random()))
+        if faults.flap_per_h and rng.random() < _chance(faults.flap_per_h, elapsed_s):
+            self._stats.fault("flap")
+            gap = faults.flap_window_s / (2 * faults.flap_count)
+            for _ in range(faults.flap_count):
+                await self._drop_connection(gap)
+                await asyncio.sleep(gap)
+
+    async def _drop_connection(self, offline_s: float) -> None:
+        """Lose the connection without DISCONNECT (the will fires), reconnect later."""
+        async with self._lifecycle:
+            if self._bricked:
+                return
+            self._link.power_off()
+            await asyncio.sleep(offline_s)
+            await self._connect()
+        await self._announce_or_leave_it()
 
     async def _emit(
         self,
@@ -587,7 +866,7 @@ class Terminal:
                 seq=self._seq,
                 campaign_id=record.campaign_id,
                 state=state,
-                ts=protocol.now(),
+                ts=self._now(),
                 attempt=record.attempt,
                 package=package,
                 progress=progress,
@@ -666,7 +945,7 @@ class Terminal:
         if command.tid != self.tid or command.msg_id in self._seen_commands:
             return
         self._seen_commands.append(command.msg_id)
-        if command.expires_at < protocol.now():
+        if command.expires_at < self._now():  # by its own clock, skewed or not
             logger.info("%s: ignoring expired %s command", self.tid, command.kind.value)
             return
         cid = command.campaign_id
@@ -789,6 +1068,13 @@ class Terminal:
                 except _BrickedError:
                     await _forever()
                 continue
+            if job == _RESUME:
+                journal = self._journal
+                if journal is not None:
+                    record = journal.record
+                    again = _Admission(record.campaign_id, record.attempt, may_postpone=False)
+                    await self._attempt(again, record, self._install_all(journal, resume=True))
+                continue
             admission = self._admitted.pop(job, None)
             if admission is None:
                 continue  # canceled while queued
@@ -798,33 +1084,40 @@ class Terminal:
                 if desired is None or desired.status == "paused":
                     self._hold(admission)
                 continue
-            self._running = admission
-            self._cancel_requested = False
-            try:
-                await self._update(admission, desired)
-            except _BrickedError:
-                await _forever()  # the attempt never settles
-            finally:
-                self._running = None
-                self._cancel_requested = False
+            record = CampaignRecord(
+                tid=self.tid,
+                campaign_id=admission.campaign_id,
+                attempt=admission.attempt,
+                started_at=time.monotonic(),
+                data_before=self.data_checksum,
+                versions_before=dict(self._flash.versions),
+            )
+            self._records.append(record)
+            if self._on_record is not None:
+                self._on_record(record)
+            steps = self._run_update(record, desired, may_postpone=admission.may_postpone)
+            await self._attempt(admission, record, steps)
             following, self._after_running = self._after_running, None
             if following is not None and following.campaign_id == job:
                 self._enqueue(following)
 
-    async def _update(self, admission: _Admission, desired: DesiredState) -> None:
-        record = CampaignRecord(
-            tid=self.tid,
-            campaign_id=admission.campaign_id,
-            attempt=admission.attempt,
-            started_at=time.monotonic(),
-            data_before=self.data_checksum,
-            versions_before=dict(self._versions),
-        )
-        self._records.append(record)
-        if self._on_record is not None:
-            self._on_record(record)
+    async def _attempt(
+        self, admission: _Admission, record: CampaignRecord, steps: Coroutine[Any, Any, None]
+    ) -> None:
+        """Run an attempt's steps to their end (a power loss ends them without settling)."""
+        self._running = admission
+        self._cancel_requested = False
         try:
-            await self._run_update(record, desired, may_postpone=admission.may_postpone)
+            await self._settle(record, steps)
+        except _BrickedError:
+            await _forever()  # the attempt never settles
+        finally:
+            self._running = None
+            self._cancel_requested = False
+
+    async def _settle(self, record: CampaignRecord, steps: Coroutine[Any, Any, None]) -> None:
+        try:
+            await steps
         except _CanceledError:
             logger.info("%s: c%d canceled, abandoned", self.tid, record.campaign_id)
             record.abandoned = True
@@ -832,14 +1125,12 @@ class Terminal:
             record.final_state = S.CANCELED
         except _Finished:
             pass
-        except _BrickedError:
-            record.bricked = True
-            if self._on_record is not None:
-                self._on_record(record)
-            raise
+        # The attempt is over (a power loss or a brick propagates past this point).
+        self._journal = None
+        self._flash.discard_backup()
         record.finished_at = time.monotonic()
         record.data_after = self.data_checksum
-        record.versions_after = dict(self._versions)
+        record.versions_after = dict(self._flash.versions)
         if self._on_record is not None:
             self._on_record(record)
 
@@ -882,15 +1173,15 @@ class Terminal:
                 error_code="INCOMPATIBLE_MODEL",
                 detail=f"{self.model} not supported by {','.join(incompatible)}"[:_DETAIL_MAX],
             )
-        todo = [p for p in packages if self._versions.get(p.name) != p.version]
+        versions = self._flash.versions
+        todo = [p for p in packages if versions.get(p.name) != p.version]
         if not todo:
             await self._finish(record, S.ALREADY_INSTALLED)
         await self._emit(record, S.QUEUED)
-        if may_postpone and self._rng.random() < self._timing.postpone_probability:
-            # The merchant said "later": no final state; the controller starts a new attempt.
-            await self._emit(record, S.DEFERRED, stage="postponed")
-            record.postponed = True
-            raise _Finished
+        if may_postpone:
+            await self._maybe_postpone(record)
+        elif self._battery_low():
+            await self._refuse_low_battery(record, todo)
         self._check_cancel()
         await self._wait_idle(record)
         for index, package in enumerate(todo):
@@ -898,9 +1189,107 @@ class Terminal:
             await self._fetch(record, package, later=todo[index + 1 :])
         # The last moment a cancel is honoured: an install is never interrupted.
         self._check_cancel()
-        for index, package in enumerate(todo):
-            await self._install(record, package, later=todo[index + 1 :], first=index == 0)
+        if self._battery_low():
+            await self._refuse_low_battery(record, todo)
+        self._journal = _Journal(record, tuple(todo))
+        await self._install_all(self._journal)
+
+    async def _maybe_postpone(self, record: CampaignRecord) -> None:
+        """The merchant (or the terminal, on a low battery) says "later" if they may."""
+        if self._battery_low():
+            reason, error_code = "low_battery", "LOW_BATTERY"
+            detail = f"battery {self.battery_pct}% below {self._config.battery.min_install_pct}%"
+        elif self.in_busy_hours():
+            reason, error_code, detail = "busy_hours", None, "merchant busy selling"
+        elif self._rng.random() < self._timing.postpone_probability:
+            reason, error_code, detail = "merchant", None, None
+        else:
+            return
+        self._stats.refusal(f"postponed.{reason}")
+        # No final state: the controller starts a new attempt later.
+        await self._emit(
+            record, S.DEFERRED, stage="postponed", error_code=error_code, detail=detail
+        )
+        record.postponed = True
+        raise _Finished
+
+    async def _refuse_low_battery(
+        self, record: CampaignRecord, todo: Sequence[PackageRef]
+    ) -> NoReturn:
+        self._stats.refusal("failed.low_battery")
+        floor = self._config.battery.min_install_pct
+        await self._finish(
+            record,
+            S.FAILED,
+            package=todo[0].name,
+            stage="install",
+            error_code="LOW_BATTERY",
+            detail=_detail(f"battery {self.battery_pct}% below {floor}%", todo[1:]),
+        )
+
+    async def _install_all(self, journal: _Journal, *, resume: bool = False) -> None:
+        """Install the journal's packages from its current one; `resume` after a power loss."""
+        record, packages = journal.record, journal.packages
+        while journal.index < len(packages):
+            package = packages[journal.index]
+            later, first = packages[journal.index + 1 :], journal.index == 0
+            if resume:
+                resume = False
+                await self._resume_package(journal, package, later=later, first=first)
+            else:
+                await self._install(record, package, later=later, first=first)
+            journal.index += 1
         await self._finish(record, S.SUCCEEDED)
+
+    async def _resume_package(
+        self,
+        journal: _Journal,
+        package: PackageRef,
+        *,
+        later: Sequence[PackageRef],
+        first: bool,
+    ) -> None:
+        """Report what a power loss left of this package's install, and go on if it took."""
+        record, name = journal.record, package.name
+        if self._flash.versions.get(name) == package.version:
+            self._stats.recovery("resumed")
+            if not self._flash.confirmed:
+                # Booted into the new slot: its self-test decides, as without the loss.
+                await self._emit(record, S.SELF_TESTING, package=name)
+                await self._self_test(record, package, later=later, first=first)
+            return
+        self._stats.recovery("reported_power_loss")
+        state, stage = _ON_OLD_AFTER_POWER_LOSS[journal.step]
+        old = self._flash.versions.get(name, "none")
+        await self._finish(
+            record,
+            state,
+            package=name,
+            stage=stage,
+            error_code="POWER_LOSS",
+            detail=_detail(f"power lost {journal.step.value}; {name} {old} kept", later),
+        )
+
+    def _at(self, point: PowerLossPoint) -> None:
+        """Note on flash how far the install got; the power goes here if the fault says so."""
+        journal = self._journal
+        if journal is not None:
+            journal.step = point
+        if self._cut_at is point:
+            self._cut_at = None
+            self._stats.fault(f"power_loss.{point.value}")
+            if journal is not None:
+                journal.record.power_losses += (point.value,)
+            logger.info("%s: power lost %s", self.tid, point.value)
+            raise _PowerLossError(point)
+
+    def _plan_power_loss(self) -> None:
+        faults = self._faults
+        self._cut_at = None
+        if faults.power_loss_rate and self._rng.random() < faults.power_loss_rate:
+            points = [p for p in PowerLossPoint if p in faults.power_loss_points]
+            if points:
+                self._cut_at = self._rng.choice(points)
 
     async def _install(
         self,
@@ -910,17 +1299,27 @@ class Terminal:
         later: Sequence[PackageRef],
         first: bool,
     ) -> None:
-        """Back up, install, (reboot,) self-test one package; roll it alone back on failure."""
-        name = package.name
+        """Back up, write the inactive slot, switch, (reboot,) self-test, confirm one package.
+
+        A failed package is rolled back alone: the terminal keeps (or returns to) the slot
+        it ran before, and its data as it was.
+        """
+        name, flash = package.name, self._flash
+        self._plan_power_loss()
+        self._at(P.AFTER_DOWNLOAD)
         await self._emit(record, S.BACKING_UP, package=name)
-        backup = _Backup(copy.deepcopy(self._data), self.data_checksum, dict(self._versions))
+        flash.start_backup()
+        self._at(P.DURING_BACKUP)
+        flash.finish_backup()
 
         await self._emit(record, S.INSTALLING, package=name)
-        await asyncio.sleep(self._timing.install_s)
-        # New software brings a new, empty data store; the data must be migrated into it.
-        self._data = {"pending_txns": [], "config": {}}
+        flash.start_write()
+        await asyncio.sleep(self._timing.install_s / 2)
+        self._at(P.DURING_WRITE_INACTIVE_SLOT)
+        await asyncio.sleep(self._timing.install_s / 2)
         if self._rng.random() < self._faults.install_fail_rate:
-            self._restore(backup, versions=True)
+            # The write failed: the inactive slot stays unbootable, nothing else changed.
+            self._stats.fault("install_fail")
             await self._finish(
                 record,
                 S.ROLLED_BACK,
@@ -929,23 +1328,51 @@ class Terminal:
                 error_code="INSTALL_FAILED",
                 detail=_not_attempted(later),
             )
-        installed = self._versions | {name: package.version}
+        flash.finish_write({**flash.versions, name: package.version})
+        self._at(P.AFTER_WRITE_BEFORE_SWITCH)
+        # The boot control block is written atomically: a cut lands before or after it.
+        landed = self._cut_at is P.DURING_SLOT_SWITCH and self._rng.random() < 0.5
+        if landed:
+            flash.switch()
+        self._at(P.DURING_SLOT_SWITCH)
+        if not landed:
+            flash.switch()
+        self._at(P.AFTER_SWITCH_BEFORE_REBOOT)
+        cost = self._config.battery.install_cost_pct
+        if cost:
+            self._battery = max(0.0, self._battery_level() - cost)
         if package.kind in _REBOOTS:
             await self._emit(record, S.REBOOTING, package=name)
-            await self._reboot(installed)
-        else:
-            self._versions = installed
-
+            await self._reboot()
+        elif self._start_software():
+            # Parameters apply without a reboot, in place; a bricked release hangs there.
+            self._brick()
+            self._link.power_off()
+            raise _BrickedError
         await self._emit(record, S.SELF_TESTING, package=name)
-        await asyncio.sleep(self._timing.self_test_s)
-        faults = self._faults
+        await self._self_test(record, package, later=later, first=first)
+
+    async def _self_test(
+        self,
+        record: CampaignRecord,
+        package: PackageRef,
+        *,
+        later: Sequence[PackageRef],
+        first: bool,
+    ) -> None:
+        """Test the new slot: confirm it, or roll this package alone back."""
+        name, faults = package.name, self._faults
+        await asyncio.sleep(self._timing.self_test_s / 2)
+        self._at(P.DURING_SELF_TEST)
+        await asyncio.sleep(self._timing.self_test_s / 2)
         if (
             (first and self.model in faults.self_test_fail_models)
             or faults.self_test_fail_versions.get(name) == package.version
             or self._rng.random() < faults.self_test_fail_rate
         ):
-            # Back to this package's previous version; earlier packages stay installed.
-            self._restore(backup, versions=True)
+            # Back to this package's previous slot; earlier packages stay installed.
+            self._stats.fault("self_test_fail")
+            self._flash.roll_back()
             await self._finish(
                 record,
                 S.ROLLED_BACK,
@@ -954,23 +1381,18 @@ class Terminal:
                 error_code="SELF_TEST_FAILED",
                 detail=_not_attempted(later),
             )
-        self._restore(backup, versions=False)
-
-    def _restore(self, backup: _Backup, *, versions: bool) -> None:
-        if checksum(backup.data) != backup.checksum:
-            msg = f"{self.tid}: backup corrupted"
-            raise AssertionError(msg)
-        self._data = copy.deepcopy(backup.data)
-        if versions:
-            self._versions = dict(backup.versions)
+        self._flash.confirm()
+        self._at(P.AFTER_CONFIRM)
 
     async def _wait_idle(self, record: CampaignRecord) -> None:
-        if self._rng.random() < self._timing.busy_probability:
+        if self._rng.random() < self._timing.busy_probability or self.in_busy_hours():
+            # A sale under way (during busy hours there always is one): it finishes first.
             self._busy_until = time.monotonic() + self._timing.busy_s
-        if not self.busy:
+        if not self._in_sale:
             return
+        self._stats.refusal("deferred.busy")
         await self._emit(record, S.DEFERRED, stage="busy")
-        while self.busy:
+        while self._in_sale:
             self._check_cancel()
             self._wake.clear()
             timeout = None if self._busy_forced else self._busy_until - time.monotonic()
@@ -998,19 +1420,21 @@ class Terminal:
         rng, faults = self._rng, self._faults
         drop = rng.random() < faults.download_drop_rate and package.size > 1
         corrupt = rng.random() < faults.corrupt_rate and package.size > 0
+        truncate = faults.truncate_rate > 0 and rng.random() < faults.truncate_rate
         plan = DownloadPlan(
             url=package.url,
             size=package.size,
             chunk_bytes=self._timing.chunk_bytes,
-            bytes_per_s=self._timing.download_bps,
+            bytes_per_s=self.profile.link_bps,
             timeout_s=self._timing.http_timeout_s,
             max_attempts=faults.max_download_attempts,
             retry_s=self._timing.download_retry_s,
             drop_at=rng.randrange(1, package.size) if drop else None,
             corrupt_at=rng.randrange(package.size) if corrupt else None,
+            truncate_at=rng.randrange(package.size) if truncate and package.size > 1 else None,
         )
         try:
-            result = await download(plan, progress)
+            result = await download(plan, progress, on_fault=self._stats.fault)
         except DownloadFailedError as exc:
             await self._finish(
                 record,

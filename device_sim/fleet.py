@@ -11,7 +11,6 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 from device_sim.config import SimConfig
 from device_sim.device import CampaignRecord, Terminal, TerminalProfile
 from device_sim.link import BrokerIdentity, Link
+from device_sim.report import build_report
+from device_sim.stats import Stats
 from device_sim.wire_link import WireLink
 from fleet import protocol
 from fleet.protocol import DesiredState, MessageKind
@@ -27,7 +28,6 @@ logger = logging.getLogger(__name__)
 
 LinkFactory = Callable[[TerminalProfile], Link]
 DesiredMatch = Callable[[DesiredState], bool]
-_VIOLATIONS_LISTED = 20
 
 
 class _StoppedError(Exception):
@@ -82,23 +82,6 @@ def wire_link_factory(config: SimConfig) -> LinkFactory:
     return make
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    """Nearest-rank p50/p90/p99/max of `values` (empty dict when there are none)."""
-    if not values:
-        return {}
-    ordered = sorted(values)
-
-    def rank(p: float) -> float:
-        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-    return {
-        "p50": round(rank(50), 3),
-        "p90": round(rank(90), 3),
-        "p99": round(rank(99), 3),
-        "max": round(ordered[-1], 3),
-    }
-
-
 class Simulator:
     """A slice of a fleet: `config.count` terminals sharing one event loop."""
 
@@ -107,6 +90,8 @@ class Simulator:
         self.config = config
         make_link = link_factory or wire_link_factory(config)
         gate = asyncio.Semaphore(config.connect_concurrency)
+        #: Faults, refusals and connection times, counted by every terminal as they happen.
+        self.stats = Stats()
         self.terminals: dict[str, Terminal] = {}
         for index in range(config.start, config.start + config.count):
             profile = TerminalProfile.from_config(config, index)
@@ -118,6 +103,7 @@ class Simulator:
                 on_connected=self._connected_one,
                 on_record=self._record_changed,
                 on_desired=self._desired_changed,
+                stats=self.stats,
             )
         self._connected = 0
         self._all_connected = asyncio.Event()
@@ -130,6 +116,7 @@ class Simulator:
         self._desired_waiters: list[_DesiredWaiter] = []
         self._started_at: float | None = None
         self._stopped_at: float | None = None
+        self._all_connected_at: float | None = None
 
     # -- running ----------------------------------------------------------------------
 
@@ -156,6 +143,7 @@ class Simulator:
         self._connected += 1
         if self._connected >= len(self.terminals):
             self._all_connected.set()
+            self._all_connected_at = time.monotonic()
         self._notify()
 
     def _record_changed(self, record: CampaignRecord) -> None:
@@ -206,6 +194,20 @@ class Simulator:
     def connected_count(self) -> int:
         """How many terminals have connected at least once."""
         return self._connected
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds the simulator has run (until it stopped)."""
+        if self._started_at is None:
+            return 0.0
+        return round((self._stopped_at or time.monotonic()) - self._started_at, 3)
+
+    @property
+    def all_connected_s(self) -> float | None:
+        """Seconds from the start until every terminal had connected once, if they have."""
+        if self._started_at is None or self._all_connected_at is None:
+            return None
+        return round(self._all_connected_at - self._started_at, 3)
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
         """Wait until every terminal has connected once (raises TimeoutError)."""
@@ -326,69 +328,5 @@ class Simulator:
     # -- report -----------------------------------------------------------------------
 
     def report(self) -> dict[str, Any]:
-        """Summarise the run: final states, update durations and the data-integrity check.
-
-        Per campaign, `attempts` counts every attempt (a postponed or failed one and its
-        successor count twice); `final` counts the final states reported, `outcome` each
-        terminal's latest final state, and
-        `postponed`, `abandoned` (canceled before installing) and `in_progress` the rest.
-        """
-        campaigns: dict[str, dict[str, Any]] = {}
-        violations: list[str] = []
-        checked = 0
-        by_campaign: collections.defaultdict[int, list[CampaignRecord]] = collections.defaultdict(
-            list
-        )
-        for record in self.records():
-            by_campaign[record.campaign_id].append(record)
-            if record.data_intact is not None:
-                checked += 1
-                if not record.data_intact:
-                    violations.append(f"{record.tid}/c{record.campaign_id}#{record.attempt}")
-        for cid, records in sorted(by_campaign.items()):
-            finals = collections.Counter(
-                r.final_state.value for r in records if r.final_state is not None
-            )
-            durations = [
-                r.duration_s
-                for r in records
-                if r.final_state is not None and r.duration_s is not None
-            ]
-            outcome = collections.Counter(
-                r.final_state.value for r in self.campaign_records(cid) if r.final_state
-            )
-            campaigns[str(cid)] = {
-                "attempts": len(records),
-                "final": dict(sorted(finals.items())),
-                # Each terminal once: the final state of its latest attempt.
-                "outcome": dict(sorted(outcome.items())),
-                "abandoned": sum(r.abandoned for r in records),
-                "postponed": sum(r.postponed for r in records),
-                "in_progress": sum(not r.settled for r in records),
-                "duration_s": percentiles(durations),
-            }
-        # Nothing but an update touches the data store, so it must still hold what it did
-        # at start-up (checked only while no migration is under way; a bricked terminal
-        # stays mid-migration).
-        violations.extend(
-            f"{t.tid}/now"
-            for t in self.terminals.values()
-            if not (t.updating or t.bricked)
-            and t.pending_txns != [dict(x) for x in t.profile.pending_txns]
-        )
-        end = self._stopped_at or time.monotonic()
-        return {
-            "terminals": len(self.terminals),
-            "connected": self._connected,
-            "elapsed_s": round(end - self._started_at, 3) if self._started_at else 0.0,
-            "events_sent": sum(t.seq for t in self.terminals.values()),
-            "heartbeats_sent": sum(t.heartbeats_sent for t in self.terminals.values()),
-            "bricked": sum(t.bricked for t in self.terminals.values()),
-            "campaigns": campaigns,
-            "integrity": {
-                "checked": checked,
-                "ok": not violations,
-                "violations": violations[:_VIOLATIONS_LISTED],
-                "violation_count": len(violations),
-            },
-        }
+        """Summarise the run (device_sim/report.py; every key in docs/simulator.md)."""
+        return build_report(self)

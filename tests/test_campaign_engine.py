@@ -84,7 +84,7 @@ async def settle(repo: Repository, campaign_id: int, within_s: float = 60.0) -> 
                 campaign_id,
                 list(FINAL_VALUES),
             )
-        return busy == 0
+        return bool(busy == 0)
 
     await eventually(quiet, within_s=within_s, what="admitted terminals to finish")
     await ticks()
@@ -107,7 +107,10 @@ async def actions(repo: Repository, campaign_id: int) -> list[str]:
 def config(
     broker: Mosquitto, count: int, groups: list[str], start: int = 0, **update: Any
 ) -> SimConfig:
-    return sim_config(broker, count, groups).model_copy(update={"start": start} | update)
+    # Validated, not model_copy'd: a list of time zones becomes equal weights.
+    return SimConfig.model_validate(
+        dict(sim_config(broker, count, groups)) | {"start": start} | update
+    )
 
 
 async def test_a_release_failing_on_one_model_pauses_at_its_first_wave(
