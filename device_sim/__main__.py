@@ -1,7 +1,13 @@
-"""Command line: ``python -m device_sim --count 1000 --broker 127.0.0.1:1883 --secret ...``.
+"""Command line: ``python -m device_sim --scenario fleet.toml --start 0 --count 12500``.
 
-Runs until ``--duration`` elapses or SIGINT/SIGTERM arrives, then prints the report as
-JSON on stdout.
+Runs a slice of a simulated fleet until ``--duration`` elapses or SIGINT/SIGTERM arrives,
+then prints the report as JSON on stdout and a summary for people on stderr. The fleet
+comes from a scenario file (docs/simulator.md), from the options below, or both: each
+option given overrides the scenario's key, and ``--set key.path=value`` overrides any
+key. Several processes share one fleet by id range (``--start``/``--count``).
+
+Exit status: 0, or 2 for a bad scenario or options, 3 when a terminal's local data did
+not survive.
 """
 
 import argparse
@@ -11,9 +17,13 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
+from typing import Any
 
-from device_sim.config import Faults, SimConfig, Timing
+from device_sim.config import SimConfig
 from device_sim.fleet import Simulator
+from device_sim.report import render_summary
+from device_sim.scenario import ScenarioError, load_scenario, merge, parse_setting
 
 logger = logging.getLogger(__name__)
 
@@ -50,77 +60,135 @@ def _broker(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _setting(text: str) -> dict[str, Any]:
+    try:
+        return parse_setting(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+#: Options that override a key: (flag, the key's path, type, help). Defaults are the
+#: models' own (shown in --help), so that an option left out never hides the scenario.
+_OVERRIDES: list[tuple[str, tuple[str, ...], Any, str]] = [
+    ("--count", ("count",), int, "terminals in this process"),
+    ("--start", ("start",), int, "number of the first terminal"),
+    ("--prefix", ("id_prefix",), str, "terminal id prefix"),
+    ("--digits", ("id_digits",), int, "digits after the prefix"),
+    ("--secret", ("secret",), str, "provisioning secret"),
+    ("--groups", ("groups",), _csv, "comma-separated groups"),
+    ("--models", ("models",), _models, "name:weight,..."),
+    ("--versions", ("initial_versions",), _versions, "package=version,..."),
+    ("--merchants", ("merchants",), _csv, "merchant ids, in turn"),
+    ("--timezones", ("timezones",), _csv, "time zones to pick from"),
+    ("--seed", ("seed",), int, "RNG seed"),
+    ("--connect-concurrency", ("connect_concurrency",), int, "CONNECTs in flight at most"),
+    ("--heartbeat-s", ("timing", "heartbeat_s"), float, ""),
+    ("--download-bps", ("timing", "download_bps"), int, ""),
+    ("--install-s", ("timing", "install_s"), float, ""),
+    ("--reboot-s", ("timing", "reboot_s"), float, ""),
+    ("--self-test-s", ("timing", "self_test_s"), float, ""),
+    ("--busy-probability", ("timing", "busy_probability"), float, ""),
+    ("--busy-s", ("timing", "busy_s"), float, ""),
+    (
+        "--postpone-probability",
+        ("timing", "postpone_probability"),
+        float,
+        "chance the merchant postpones an attempt that may be postponed",
+    ),
+    ("--drop-rate", ("faults", "download_drop_rate"), float, ""),
+    ("--corrupt-rate", ("faults", "corrupt_rate"), float, ""),
+    ("--truncate-rate", ("faults", "truncate_rate"), float, ""),
+    ("--install-fail-rate", ("faults", "install_fail_rate"), float, ""),
+    ("--self-test-fail-rate", ("faults", "self_test_fail_rate"), float, ""),
+    ("--self-test-fail-models", ("faults", "self_test_fail_models"), _csv, ""),
+    (
+        "--self-test-fail-versions",
+        ("faults", "self_test_fail_versions"),
+        _versions,
+        "package=version,...: releases whose self-test fails",
+    ),
+    (
+        "--bricked-versions",
+        ("faults", "bricked_versions"),
+        _versions,
+        "package=version,...: releases that never come back after the reboot",
+    ),
+    (
+        "--degraded-versions",
+        ("faults", "degraded_versions"),
+        _versions,
+        "package=version,...: releases with a raised card transaction error rate",
+    ),
+    ("--txn-error-rate", ("faults", "txn_error_rate"), float, ""),
+    ("--degraded-error-rate", ("faults", "degraded_error_rate"), float, ""),
+    ("--power-loss-rate", ("faults", "power_loss_rate"), float, "per package install"),
+]
+
+
+def _default(path: tuple[str, ...]) -> object:
+    model: Any = SimConfig()
+    for part in path:
+        model = getattr(model, part)
+    return model
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "none"
+    if isinstance(value, list | set | frozenset):
+        return ",".join(sorted(map(str, value))) or "none"
+    return str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the CLI's argument parser."""
-    t, f, c = Timing(), Faults(), SimConfig()
-    p = argparse.ArgumentParser(prog="python -m device_sim", description=__doc__)
-    p.add_argument("--count", type=int, default=c.count, help="terminals in this process")
-    p.add_argument("--start", type=int, default=c.start, help="number of the first terminal")
-    p.add_argument("--prefix", default=c.id_prefix, help="terminal id prefix")
-    p.add_argument("--digits", type=int, default=c.id_digits, help="digits after the prefix")
-    p.add_argument("--broker", type=_broker, default=("127.0.0.1", 1883), help="host:port")
-    p.add_argument("--secret", default=c.secret, help="provisioning secret")
-    p.add_argument("--groups", type=_csv, default=c.groups, help="comma-separated groups")
+    p = argparse.ArgumentParser(
+        prog="python -m device_sim",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--scenario", type=Path, default=None, help="TOML scenario file (docs/simulator.md)"
+    )
+    p.add_argument(
+        "--set",
+        dest="settings",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any scenario key, e.g. faults.corrupt_rate=0.1 (a TOML value)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate, print the resulting configuration as JSON, and exit",
+    )
+    p.add_argument(
+        "--broker", type=_broker, default=None, help="host:port (default 127.0.0.1:1883)"
+    )
+    for flag, path, kind, text in _OVERRIDES:
+        shown = _shown(_default(path))
+        p.add_argument(
+            flag,
+            dest="/".join(path),
+            metavar=path[-1].upper(),
+            type=kind,
+            default=None,
+            help=f"{text}{'; ' if text else ''}scenario key {'.'.join(path)} (default {shown})",
+        )
     p.add_argument(
         "--group-rule",
-        choices=["round_robin", "all"],
-        default=c.group_rule,
-        help="one group per terminal in turn, or every group for each",
-    )
-    p.add_argument("--models", type=_models, default=c.models, help="name:weight,...")
-    p.add_argument(
-        "--versions", type=_versions, default=c.initial_versions, help="package=version,..."
-    )
-    p.add_argument("--merchants", type=_csv, default=[], help="merchant ids, in turn")
-    p.add_argument("--timezones", type=_csv, default=c.timezones, help="time zones to pick")
-    p.add_argument("--seed", type=int, default=c.seed, help="RNG seed")
-    p.add_argument(
-        "--connect-concurrency",
-        type=int,
-        default=c.connect_concurrency,
-        help="CONNECTs in flight at most",
+        choices=["round_robin", "all", "random", "by_model", "by_timezone"],
+        default=None,
+        help="how terminals map to groups (default round_robin)",
     )
     p.add_argument(
-        "--heartbeat-only", action="store_true", help="never update: ignore desired states"
+        "--heartbeat-only",
+        action="store_true",
+        default=None,
+        help="never update: ignore desired states",
     )
-    p.add_argument("--heartbeat-s", type=float, default=t.heartbeat_s)
-    p.add_argument("--download-bps", type=int, default=t.download_bps)
-    p.add_argument("--install-s", type=float, default=t.install_s)
-    p.add_argument("--reboot-s", type=float, default=t.reboot_s)
-    p.add_argument("--self-test-s", type=float, default=t.self_test_s)
-    p.add_argument("--busy-probability", type=float, default=t.busy_probability)
-    p.add_argument("--busy-s", type=float, default=t.busy_s)
-    p.add_argument(
-        "--postpone-probability",
-        type=float,
-        default=t.postpone_probability,
-        help="chance the merchant postpones an attempt that may be postponed",
-    )
-    p.add_argument("--drop-rate", type=float, default=f.download_drop_rate)
-    p.add_argument("--corrupt-rate", type=float, default=f.corrupt_rate)
-    p.add_argument("--install-fail-rate", type=float, default=f.install_fail_rate)
-    p.add_argument("--self-test-fail-rate", type=float, default=f.self_test_fail_rate)
-    p.add_argument("--self-test-fail-models", type=_csv, default=[])
-    p.add_argument(
-        "--self-test-fail-versions",
-        type=_versions,
-        default={},
-        help="package=version,...: releases whose self-test fails",
-    )
-    p.add_argument(
-        "--bricked-versions",
-        type=_versions,
-        default={},
-        help="package=version,...: releases that never boot",
-    )
-    p.add_argument(
-        "--degraded-versions",
-        type=_versions,
-        default={},
-        help="package=version,...: releases with a raised card transaction error rate",
-    )
-    p.add_argument("--txn-error-rate", type=float, default=f.txn_error_rate)
-    p.add_argument("--degraded-error-rate", type=float, default=f.degraded_error_rate)
     p.add_argument(
         "--duration", type=float, default=None, help="seconds to run; default: until signalled"
     )
@@ -128,49 +196,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The keys the options override, as nested tables (options left out are absent)."""
+    found: dict[str, Any] = {}
+    for _, path, _, _ in _OVERRIDES:
+        value = getattr(args, "/".join(path))
+        if value is not None:
+            for part in reversed(path):
+                value = {part: value}
+            found = merge(found, value)
+    if args.broker is not None:
+        found["broker_host"], found["broker_port"] = args.broker
+    if args.group_rule is not None:
+        found["group_rule"] = args.group_rule
+    if args.heartbeat_only:
+        found["heartbeat_only"] = True
+    for setting in args.settings:
+        found = merge(found, setting)
+    return found
+
+
 def config_from_args(args: argparse.Namespace) -> SimConfig:
-    """Turn parsed arguments into a `SimConfig`."""
-    host, port = args.broker
-    return SimConfig(
-        count=args.count,
-        start=args.start,
-        id_prefix=args.prefix,
-        id_digits=args.digits,
-        models=args.models,
-        initial_versions=args.versions,
-        groups=args.groups,
-        group_rule=args.group_rule,
-        merchants=args.merchants,
-        timezones=args.timezones,
-        broker_host=host,
-        broker_port=port,
-        secret=args.secret,
-        connect_concurrency=args.connect_concurrency,
-        heartbeat_only=args.heartbeat_only,
-        seed=args.seed,
-        timing=Timing(
-            heartbeat_s=args.heartbeat_s,
-            download_bps=args.download_bps,
-            install_s=args.install_s,
-            reboot_s=args.reboot_s,
-            self_test_s=args.self_test_s,
-            busy_probability=args.busy_probability,
-            busy_s=args.busy_s,
-            postpone_probability=args.postpone_probability,
-        ),
-        faults=Faults(
-            download_drop_rate=args.drop_rate,
-            corrupt_rate=args.corrupt_rate,
-            install_fail_rate=args.install_fail_rate,
-            self_test_fail_rate=args.self_test_fail_rate,
-            self_test_fail_models=frozenset(args.self_test_fail_models),
-            self_test_fail_versions=args.self_test_fail_versions,
-            bricked_versions=args.bricked_versions,
-            degraded_versions=args.degraded_versions,
-            txn_error_rate=args.txn_error_rate,
-            degraded_error_rate=args.degraded_error_rate,
-        ),
-    )
+    """Turn parsed arguments (and the scenario they name) into a `SimConfig`.
+
+    Raises:
+        ScenarioError: the scenario, or an option, is not valid.
+    """
+    return load_scenario(args.scenario, overrides_from_args(args))
 
 
 async def _run(config: SimConfig, duration: float | None) -> Simulator:
@@ -198,9 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = config_from_args(args)
-    except ValueError as exc:
-        print(f"invalid configuration: {exc}", file=sys.stderr)
+    except ScenarioError as exc:
+        print(f"invalid scenario:\n{exc}", file=sys.stderr)
         return 2
+    if args.check:
+        print(config.model_dump_json(indent=2))
+        return 0
     simulator = None
     with contextlib.suppress(KeyboardInterrupt):
         simulator = asyncio.run(_run(config, args.duration))
@@ -208,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report = simulator.report()
     print(json.dumps(report, indent=2, sort_keys=True))
+    print(render_summary(report), file=sys.stderr)
     return 0 if report["integrity"]["ok"] else 3
 
 
