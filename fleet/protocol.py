@@ -133,6 +133,9 @@ class TopicError(ValueError):
     """The topic is not one of ours."""
 
 
+_KIND_BY_NAME = {kind.value: kind for kind in MessageKind}
+
+
 def parse_terminal_topic(topic: str) -> tuple[str, MessageKind]:
     """Split ``fleet/v1/t/{tid}/{kind}`` into its terminal id and kind.
 
@@ -145,10 +148,10 @@ def parse_terminal_topic(topic: str) -> tuple[str, MessageKind]:
     tid, kind = parts[3], parts[4]
     if not is_valid_id(tid):
         raise TopicError(topic)
-    try:
-        return tid, MessageKind(kind)
-    except ValueError:
-        raise TopicError(topic) from None
+    found = _KIND_BY_NAME.get(kind)
+    if found is None:
+        raise TopicError(topic)
+    return tid, found
 
 
 # -- payloads -------------------------------------------------------------------------

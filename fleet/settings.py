@@ -43,7 +43,7 @@ class FleetSettings(BaseSettings):
         "controller is away.",
     )
     mqtt_receive_max: int = Field(
-        1000,
+        10_000,
         ge=1,
         le=65_535,
         description="Un-acknowledged QoS1 messages the broker may have in flight to ingest: "
@@ -69,16 +69,16 @@ class FleetSettings(BaseSettings):
     )
 
     ingest_batch_max: int = Field(
-        500, ge=1, description="Messages per database transaction at most."
+        5000, ge=1, description="Messages per database transaction at most."
     )
     ingest_batch_wait_ms: int = Field(
         20, ge=0, description="How long a partial batch waits for more messages."
     )
     ingest_queue_max: int = Field(
-        2000,
+        20_000,
         ge=1,
-        description="Messages received but not yet written; when full, the MQTT thread "
-        "blocks and the broker's flow control holds the rest.",
+        description="Messages received but not yet written; when full, reading from the "
+        "broker pauses and its flow control holds the rest.",
     )
     dead_letter_max_rows: int = Field(
         10_000, ge=100, description="Dead letters kept; older ones are trimmed."

@@ -11,9 +11,11 @@ from fleet.embedded import Mosquitto
 from fleet.protocol import (
     MAX_PAYLOAD_BYTES,
     MessageKind,
+    Presence,
     StateEvent,
     derive_terminal_password,
     new_message_id,
+    now,
     terminal_topic,
 )
 from fleet.states import ExecState
@@ -59,6 +61,10 @@ async def test_spoofed_malformed_oversized_and_replayed_input(
         await asyncio.to_thread(probe.connect)
         own = terminal_topic("T1", MessageKind.EVENTS)
         publish = lambda topic, payload: asyncio.to_thread(probe.publish, topic, payload)  # noqa: E731
+        # Online, as a real terminal says first: the runner marks an offline terminal's
+        # executions unreachable, which would race the reports below.
+        online = Presence(tid="T1", online=True, ts=now())
+        await publish(terminal_topic("T1", MessageKind.PRESENCE), online.to_bytes())
 
         # Under another terminal's id: the broker refuses it (MQTT 5 reason 0x87).
         spoof = _event("T2", campaign_id, 1, ExecState.QUEUED)

@@ -84,8 +84,10 @@ WITH input AS (
         detail = i.detail, package = i.package, last_seq = i.seq,
         updated_at = $11::timestamptz, resends = 0,
         finished_at = CASE WHEN ns.final THEN $11::timestamptz END,
-        phase_since = CASE WHEN ns.phase IS DISTINCT FROM os.phase THEN $11::timestamptz
-                           ELSE e.phase_since END,
+        phase_since = CASE
+            WHEN ns.phase IS DISTINCT FROM (SELECT phase FROM execution_states WHERE state = e.state)
+                THEN $11::timestamptz
+            ELSE e.phase_since END,
         admitted_at = CASE WHEN d.state = 'retry_wait' OR d.postponed THEN NULL
                            ELSE coalesce(e.admitted_at, $11::timestamptz) END,
         next_attempt_at = CASE
@@ -97,10 +99,12 @@ WITH input AS (
         cancel_sent_at = CASE WHEN d.stopped THEN NULL ELSE e.cancel_sent_at END
     FROM decided d
     JOIN input i ON i.ord = d.ord
-    JOIN execution_states ns ON ns.state = d.state,
-         execution_states os
+    JOIN execution_states ns ON ns.state = d.state
+    -- Everything read from the execution's own row is a subquery or a column of `e`, not
+    -- a joined row: when the runner updates the row meanwhile, PostgreSQL re-checks this
+    -- WHERE against the new version, and a joined copy of the old state would fail that
+    -- check and drop the report as "not applied".
     WHERE e.campaign_id = i.campaign_id AND e.terminal_id = i.terminal_id
-      AND os.state = e.state
       AND d.ord IN (SELECT ord FROM fresh)
       AND i.seq > e.last_seq
       AND (i.attempt IS NULL OR i.attempt >= e.attempt)
