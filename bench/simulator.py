@@ -1,8 +1,8 @@
 """Simulator capacity: terminals one process holds, and resident memory per terminal.
 
 ``python -m device_sim --heartbeat-only --heartbeat-s 30`` with 15,000 terminals in one
-process, then 50,000 over four processes. A connection counts once the broker holds its
-socket (the broker's open files minus those it had before); the simulator's own report
+process, then 50,000 over four processes. A connection counts once the broker's
+side of it is established (/proc/net/tcp); the simulator's own report
 says how many terminals connected at least once. RSS and CPU come from /proc.
 
 This sandbox caps every process at 20,000 open files (hard limit; root cannot raise it),
@@ -22,8 +22,8 @@ from bench.harness import (
     Result,
     alive,
     cpu_seconds,
+    established,
     note_deaths,
-    open_fds,
     rss_bytes,
     say,
     stack,
@@ -64,7 +64,6 @@ async def _hold(
     steady_s: float,
 ) -> Held:
     """One simulator process per broker; connect (bounded), then hold for `steady_s`."""
-    baseline = [open_fds(b.pid) for b in brokers]
     simulators: list[Process] = []
     start = 0
     reports: list[dict[str, Any] | None] = []
@@ -78,7 +77,7 @@ async def _hold(
             start += count
 
         def connected() -> int:
-            return sum(open_fds(b.pid) - base for b, base in zip(brokers, baseline, strict=True))
+            return sum(established(b.port) for b in brokers)
 
         t0 = time.monotonic()
         deadline = t0 + connect_s
