@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -83,7 +84,14 @@ async def _run_one(name: str, ctx: Context, budget_s: float) -> Result:
 
 
 async def run_suite(names: list[str], ctx: Context) -> tuple[dict[str, Result], float]:
-    """Run the benchmarks in order within the suite's budget; their results and total time."""
+    """Run the benchmarks in order within the suite's budget; their results and total time.
+
+    SIGTERM cancels the run like SIGINT does, so every server and process it started is
+    stopped by the benchmarks' own clean-up before it exits.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     started = time.monotonic()
     results: dict[str, Result] = {}
     for name in names:
@@ -127,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{invoked}{' --smoke' if args.smoke else ''}" if args.names or args.smoke else "make bench"
     )
     info, git, date = machine(), git_state(), now_iso()
-    results, total = asyncio.run(run_suite(names, ctx))
+    try:
+        results, total = asyncio.run(run_suite(names, ctx))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        say("interrupted: servers and processes stopped; no results written")
+        return 130
     fresh: dict[str, Any] = {
         "date": date,
         "command": command,

@@ -8,7 +8,6 @@ batches of 5,000, synchronous commit) into the heartbeats and update_events tabl
 """
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -159,8 +158,8 @@ async def _pass_through(
             sub.terminate()
             await sub.wait()
         counting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await counting
+        # gather hands back the counter's own cancellation; ours still propagates.
+        await asyncio.gather(counting, return_exceptions=True)
     rate = total / (t1 - t0) if delivered == total else None
     return rate, delivered, (cpu1 - cpu0) / max(1, delivered)
 
