@@ -99,6 +99,8 @@ class CampaignRunner:
         # Per campaign: when members were last enrolled (monotonic), and the waves whose
         # members were then still awaiting their first hello.
         self._enrolled: dict[int, tuple[float, frozenset[int]]] = {}
+        # Settled campaigns that a last enrollment pass found nothing more for.
+        self._finished: set[int] = set()
         self.ticked = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -149,16 +151,24 @@ class CampaignRunner:
                     )
 
     async def _step(self, campaign: LiveCampaign) -> None:
-        if campaign.settled:
-            return
         policy = CampaignPolicy.model_validate(campaign.policy)
+        if campaign.settled:
+            if campaign.id in self._finished or campaign.control not in ("running", "paused"):
+                return
+            # A member whose hello landed after the last pass is neither awaiting its hello
+            # nor enrolled, so the campaign looks settled: judge such members once before
+            # believing it. Joiners after this pass find a finished campaign.
+            joined = await self._enroll_joiners(campaign, policy)
+            if not (joined.added or joined.excluded or joined.awaiting_waves):
+                self._finished.add(campaign.id)
+            return
         awaiting_waves: frozenset[int] = frozenset()
         if campaign.control in ("running", "paused"):
             # A full pass over the groups' members is the costliest query of a tick (0.6 s
             # for 100,000 members here), so it runs every `enroll_every_s`, not every tick.
             last, awaiting_waves = self._enrolled.get(campaign.id, (-math.inf, frozenset()))
             if time.monotonic() - last >= self._enroll_every_s:
-                awaiting_waves = await self._enroll_joiners(campaign, policy)
+                awaiting_waves = (await self._enroll_joiners(campaign, policy)).awaiting_waves
                 self._enrolled[campaign.id] = (time.monotonic(), awaiting_waves)
         await self._expire(campaign)
         await self._send_cancels(campaign)
@@ -197,20 +207,18 @@ class CampaignRunner:
 
     # -- membership --------------------------------------------------------------------
 
-    async def _enroll_joiners(
-        self, campaign: LiveCampaign, policy: CampaignPolicy
-    ) -> frozenset[int]:
-        """Enroll members not yet in the campaign; return the waves still awaiting some."""
+    async def _enroll_joiners(self, campaign: LiveCampaign, policy: CampaignPolicy) -> Enrollment:
+        """Enroll members not yet in the campaign; say who joined and who still awaits."""
         at = self._clock.now()
         async with self._repo.transaction() as q:
             joined: Enrollment = await enroll(
                 q, campaign.id, policy, TargetFilter.model_validate(campaign.target), at
             )
             if not joined.added and not joined.excluded:
-                return joined.awaiting_waves
+                return joined
             await self._audit(q, campaign, "terminals_joined", joined.as_detail(), at)
         await self._decide(campaign, "terminals_joined", joined.as_detail())
-        return joined.awaiting_waves
+        return joined
 
     # -- what time decides -------------------------------------------------------------
 

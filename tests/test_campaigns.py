@@ -583,3 +583,34 @@ async def test_a_pause_does_not_time_out_terminals_it_holds(rig: Rig) -> None:
         "timed_out",
         "retry_wait",
     }
+
+
+async def test_members_whose_hello_lands_between_passes_are_still_enrolled(rig: Rig) -> None:
+    """A campaign of members all awaiting their hello must not settle empty once they say it."""
+    ids = ["H1", "H2", "H3"]
+    async with rig.repo.transaction() as q:
+        await q.upsert_terminals([{"id": t} for t in ids])  # provisioned, model unknown
+        await q.create_group("g")
+        await q.assign_group("g", ids)
+        await q.add_package("os", "firmware", "2.0.0", 10, "a" * 64, ["P400"])
+    settings = FleetSettings(artifact_dir=Path("unused"), enroll_every_s=3600)
+    runner = CampaignRunner(rig.repo, rig.publisher, settings, rig.clock)
+    campaign_id = await _campaign(rig, waves=[Wave(percent=100)])
+    await runner.tick()  # the only regular enrollment pass for an hour: all still awaiting
+    async with rig.repo.transaction() as q:
+        for tid in ids:
+            await q.record_hello(
+                terminal_id=tid,
+                model="P400",
+                versions={"os": "1.0.0"},
+                merchant_id="M1",
+                timezone="UTC",
+                attributes={},
+                boot_id=new_message_id(),
+            )
+    await runner.tick()
+    async with rig.repo.connection() as q:
+        enrolled = [r["terminal_id"] for r in await q.executions(campaign_id)]
+    assert sorted(enrolled) == ids
+    status = await campaigns.campaign_status(rig.repo, campaign_id)
+    assert status.totals == {"pending": 3}
