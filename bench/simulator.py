@@ -34,7 +34,7 @@ from bench.harness import (
 from fleet.embedded import Mosquitto
 
 NAME = "simulator"
-BUDGET_S = 240.0
+BUDGET_S = 300.0
 COMMAND = "make bench BENCH=simulator"
 RSS_TARGET_KB = 30.0
 #: Connecting stops counting once no new connection arrived for this long.
@@ -48,6 +48,7 @@ class Held:
 
     wanted: int
     connected: int
+    peak: int
     connect_s: float
     rss_bytes: int
     cpu_percent: float
@@ -92,7 +93,10 @@ async def _hold(
                 break
             await asyncio.sleep(1.0)
         took = time.monotonic() - t0
-        say(f"  {reached:,} of {sum(counts):,} connected in {took:.0f} s")
+        say(
+            f"  {sum(counts):,} terminals: at most {reached:,} established connections, "
+            f"reached in {took:.0f} s"
+        )
         pids = [s.pid for s in simulators if s.running]
         cpu0 = {pid: cpu_seconds(pid) for pid in pids}
         await asyncio.sleep(steady_s)
@@ -103,7 +107,7 @@ async def _hold(
         note_deaths(result, simulators)
     finally:
         reports = [await stop_simulator(s, timeout_s=20) for s in simulators]
-    return Held(sum(counts), held, took, rss, cpu, reports)
+    return Held(sum(counts), held, reached, took, rss, cpu, reports)
 
 
 def _figures(result: Result, label: str, held: Held, target: str) -> None:
@@ -136,6 +140,7 @@ def _figures(result: Result, label: str, held: Held, target: str) -> None:
     result.details[label] = {
         "wanted": held.wanted,
         "connected": held.connected,
+        "peak_established": held.peak,
         "connect_s": round(held.connect_s, 1),
         "rss_mib": round(held.rss_bytes / 2**20, 1),
         "cpu_percent": round(held.cpu_percent, 1),
@@ -152,7 +157,8 @@ async def run(ctx: Context, result: Result) -> None:
     processes = 2 if ctx.smoke else 4
     many = 50 if ctx.smoke else 50_000
     connect_s = 20.0 if ctx.smoke else 45.0
-    steady_s = 1.0 if ctx.smoke else 15.0
+    # One whole heartbeat interval: every terminal has sent (and allocated) at least once.
+    steady_s = 1.0 if ctx.smoke else 30.0
 
     say(f"simulator: one process with {one:,} terminals")
     async with stack(NAME, database=False, brokers=[{"terminals": terminal_ids(one)}]) as servers:
@@ -170,7 +176,7 @@ async def run(ctx: Context, result: Result) -> None:
             servers.brokers,
             [per] * processes,
             servers.root,
-            connect_s=connect_s + 15,
+            connect_s=connect_s + 30,
             steady_s=steady_s,
         )
     _figures(result, f"{processes} processes", held, f"{many:,} terminals")
