@@ -37,6 +37,7 @@ from zoneinfo import ZoneInfo
 
 from device_sim.config import PowerLossPoint, SimConfig
 from device_sim.download import DownloadFailedError, DownloadPlan, download
+from device_sim.flag import Flag
 from device_sim.link import Link, LinkLostError
 from device_sim.stats import Stats
 from device_sim.storage import Boot, Data, Flash, checksum
@@ -410,11 +411,12 @@ class Terminal:
         self._running: _Admission | None = None
         self._cancel_requested = False
         self._replies: asyncio.Queue[CampaignRecord] = asyncio.Queue(_REPLIES_MAX)
-        self._seen_commands: collections.deque[str] = collections.deque(maxlen=_SEEN_COMMANDS_MAX)
-        self._records: collections.deque[CampaignRecord] = collections.deque(maxlen=_RECORDS_MAX)
+        # Built on first use, like the flags below: an idle terminal holds no buffers.
+        self._seen_commands: collections.deque[str] | None = None
+        self._records: collections.deque[CampaignRecord] | None = None
         self._busy_until = 0.0
         self._busy_forced = False
-        self._wake = asyncio.Event()
+        self._wake = Flag()
         # Held while the connection changes on purpose (connect, or a whole reboot), so a
         # reconnect after a loss never races a reboot. Never held across a waiting publish.
         self._lifecycle = asyncio.Lock()
@@ -425,7 +427,7 @@ class Terminal:
         # reconnects, never takes it.
         self._sending = asyncio.Lock()
         self._stale_topics: set[str] = set()
-        self.connected = asyncio.Event()
+        self.connected = Flag()
         self.heartbeats_sent = 0
 
     # -- inspection -------------------------------------------------------------------
@@ -504,11 +506,11 @@ class Terminal:
 
     def records(self) -> list[CampaignRecord]:
         """Every campaign attempt, oldest first."""
-        return list(self._records)
+        return list(self._records or ())
 
     def record(self, campaign_id: int, attempt: int | None = None) -> CampaignRecord | None:
         """The latest attempt at a campaign (or the given attempt), if any."""
-        for rec in reversed(self._records):
+        for rec in reversed(self._records or ()):
             if rec.campaign_id == campaign_id and attempt in (None, rec.attempt):
                 return rec
         return None
@@ -626,7 +628,7 @@ class Terminal:
         self._cancel_requested = False
         self._jobs = asyncio.Queue(_QUEUE_MAX)
         self._replies = asyncio.Queue(_REPLIES_MAX)
-        self._seen_commands.clear()
+        self._seen_commands = None
         self._stale_topics.clear()
         self._busy_until = 0.0
         await asyncio.sleep(self._timing.reboot_s)
@@ -942,9 +944,12 @@ class Terminal:
         return None if self._running is None else self._running.campaign_id
 
     async def _on_command(self, command: Command) -> None:
-        if command.tid != self.tid or command.msg_id in self._seen_commands:
+        seen = self._seen_commands
+        if command.tid != self.tid or (seen is not None and command.msg_id in seen):
             return
-        self._seen_commands.append(command.msg_id)
+        if seen is None:
+            seen = self._seen_commands = collections.deque(maxlen=_SEEN_COMMANDS_MAX)
+        seen.append(command.msg_id)
         if command.expires_at < self._now():  # by its own clock, skewed or not
             logger.info("%s: ignoring expired %s command", self.tid, command.kind.value)
             return
@@ -1092,6 +1097,8 @@ class Terminal:
                 data_before=self.data_checksum,
                 versions_before=dict(self._flash.versions),
             )
+            if self._records is None:
+                self._records = collections.deque(maxlen=_RECORDS_MAX)
             self._records.append(record)
             if self._on_record is not None:
                 self._on_record(record)

@@ -8,10 +8,10 @@ connection surfacing in `messages`, deliberate disconnects that keep the session
 """
 
 import asyncio
-import collections
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 
+from device_sim.flag import Flag
 from device_sim.link import BrokerIdentity, Incoming, LinkLostError
 from fleet.mqtt_wire import (
     Connection,
@@ -43,9 +43,11 @@ class WireLink:
         # a connection until the next `connect` (a deliberate `disconnect` clears it).
         self._connection: Connection | None = None
         self._lost = False
-        self._changed = asyncio.Event()
-        self._arrived = asyncio.Event()
-        self._inbox: collections.deque[Incoming] = collections.deque()
+        # Flags and a list, not events and a deque: those allocate their buffers up front,
+        # and most links never have anything in them (see device_sim/flag.py).
+        self._changed = Flag()
+        self._arrived = Flag()
+        self._inbox: list[Incoming] = []
 
     def _options(self) -> ConnectOptions:
         ident = self._identity
@@ -65,7 +67,7 @@ class WireLink:
     def _signal(self) -> None:
         """Wake everything waiting for the connection state to change."""
         self._changed.set()
-        self._changed = asyncio.Event()
+        self._changed = Flag()
         self._arrived.set()
 
     def _deliver(self, connection: Connection, message: Message) -> None:
@@ -186,7 +188,9 @@ class WireLink:
         inbox = self._inbox
         while True:
             while inbox:
-                yield inbox.popleft()
+                # Commands and desired states are few: popping the front of a short list
+                # is cheap, and an empty list holds no buffer.
+                yield inbox.pop(0)
             if self._connection is None and self._lost:
                 raise LinkLostError(self._identity.client_id)
             self._arrived.clear()
