@@ -407,10 +407,17 @@ class Terminal:
         # A newer start of the campaign that is running, taken once the running one ends.
         self._after_running: _Admission | None = None
         self._admitted: dict[int, _Admission] = {}
-        self._jobs: asyncio.Queue[int] = asyncio.Queue(_QUEUE_MAX)
+        self._jobs: list[int] = []
         self._running: _Admission | None = None
         self._cancel_requested = False
-        self._replies: asyncio.Queue[CampaignRecord] = asyncio.Queue(_REPLIES_MAX)
+        # Final states to report again (a repeated `start`), sent by the reply task.
+        self._replies: list[CampaignRecord] = []
+        # The worker and the reply task run only while they have something to do: most
+        # terminals never get a job, and a task waiting for one costs about 1.5 KB.
+        # `_tasks` is the powered terminal's task group, once it has booted.
+        self._tasks: asyncio.TaskGroup | None = None
+        self._working = False
+        self._replying = False
         # Built on first use, like the flags below: an idle terminal holds no buffers.
         self._seen_commands: collections.deque[str] | None = None
         self._records: collections.deque[CampaignRecord] | None = None
@@ -599,19 +606,46 @@ class Terminal:
             await self._power_off()
 
     async def _run_powered(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            # From the start, so a connection lost while booting is noticed and resumed.
-            tg.create_task(self._message_loop(), name=f"{self.tid}/messages")
-            await self._boot()
-            if not self.connected.is_set():
-                self.connected.set()
-                if self._on_connected is not None:
-                    self._on_connected(self)
-            if self._journal is not None:
-                self._enqueue_job(_RESUME)
-            tg.create_task(self._heartbeat_loop(), name=f"{self.tid}/heartbeat")
-            tg.create_task(self._worker_loop(), name=f"{self.tid}/worker")
-            tg.create_task(self._reply_loop(), name=f"{self.tid}/replies")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                # From the start, so a connection lost while booting is noticed and resumed.
+                tg.create_task(self._message_loop(), name=f"{self.tid}/messages")
+                await self._boot()
+                if not self.connected.is_set():
+                    self.connected.set()
+                    if self._on_connected is not None:
+                        self._on_connected(self)
+                if self._journal is not None:
+                    self._enqueue_job(_RESUME)
+                tg.create_task(self._heartbeat_loop(), name=f"{self.tid}/heartbeat")
+                # Jobs and replies queued while booting are taken up from here on.
+                self._tasks = tg
+                self._start_worker()
+                self._start_replies()
+        finally:
+            self._tasks = None
+            self._working = self._replying = False
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> bool:
+        """Run `coro` as a task of the powered terminal; False (and closed) if not booted."""
+        tasks = self._tasks
+        if tasks is not None:
+            try:
+                tasks.create_task(coro, name=f"{self.tid}/{name}")
+            except RuntimeError:  # the group is shutting down (a power loss, a stop)
+                pass
+            else:
+                return True
+        coro.close()
+        return False
+
+    def _start_worker(self) -> None:
+        if self._jobs and not self._working and self._tasks is not None:
+            self._working = self._spawn(self._worker_loop(), "worker")
+
+    def _start_replies(self) -> None:
+        if self._replies and not self._replying and self._tasks is not None:
+            self._replying = self._spawn(self._reply_loop(), "replies")
 
     async def _lose_power(self) -> None:
         """What a power cut leaves: the broker sees the connection die, and RAM is gone."""
@@ -626,8 +660,8 @@ class Terminal:
         self._after_running = None
         self._running = None
         self._cancel_requested = False
-        self._jobs = asyncio.Queue(_QUEUE_MAX)
-        self._replies = asyncio.Queue(_REPLIES_MAX)
+        self._jobs.clear()
+        self._replies.clear()
         self._seen_commands = None
         self._stale_topics.clear()
         self._busy_until = 0.0
@@ -977,10 +1011,11 @@ class Terminal:
             # repeat a final state; a running, postponed or forgotten attempt stays quiet.
             record = self.record(cid, attempt)
             if record is not None and record.final_state is not None:
-                try:
-                    self._replies.put_nowait(record)
-                except asyncio.QueueFull:
+                if len(self._replies) >= _REPLIES_MAX:
                     logger.warning("%s: reply queue full, not repeating c%d", self.tid, cid)
+                else:
+                    self._replies.append(record)
+                    self._start_replies()
             return
         if self._running_campaign == cid:
             # The controller gave up on the running attempt (a deadline) while it is still
@@ -1024,11 +1059,11 @@ class Terminal:
             self._admitted[admission.campaign_id] = admission
 
     def _enqueue_job(self, job: int) -> bool:
-        try:
-            self._jobs.put_nowait(job)
-        except asyncio.QueueFull:
+        if len(self._jobs) >= _QUEUE_MAX:
             logger.warning("%s: job queue full, dropping job %d", self.tid, job)
             return False
+        self._jobs.append(job)
+        self._start_worker()
         return True
 
     async def _set_groups(self, groups: set[str]) -> None:
@@ -1051,62 +1086,72 @@ class Terminal:
     # -- the update -------------------------------------------------------------------
 
     async def _reply_loop(self) -> None:
-        while True:
-            record = await self._replies.get()
-            final = next(e for e in reversed(record.events) if e.state in FINAL)
-            await self._emit(
-                record,
-                final.state,
-                package=final.package,
-                stage=final.stage,
-                error_code=final.error_code,
-                detail=final.detail,
-                resend=True,
-            )
+        """Send the queued repeats of final states, then end (`_start_replies`)."""
+        try:
+            while self._replies:
+                record = self._replies.pop(0)
+                final = next(e for e in reversed(record.events) if e.state in FINAL)
+                await self._emit(
+                    record,
+                    final.state,
+                    package=final.package,
+                    stage=final.stage,
+                    error_code=final.error_code,
+                    detail=final.detail,
+                    resend=True,
+                )
+        finally:
+            self._replying = False
 
     async def _worker_loop(self) -> None:
-        while True:
-            job = await self._jobs.get()
-            if job == _REBOOT:
-                try:
-                    await self._reboot()
-                except _BrickedError:
-                    await _forever()
-                continue
-            if job == _RESUME:
-                journal = self._journal
-                if journal is not None:
-                    record = journal.record
-                    again = _Admission(record.campaign_id, record.attempt, may_postpone=False)
-                    await self._attempt(again, record, self._install_all(journal, resume=True))
-                continue
-            admission = self._admitted.pop(job, None)
-            if admission is None:
-                continue  # canceled while queued
-            desired = self._latest.get(job)
-            if desired is None or desired.status != "active":
-                # Paused (or forgotten) since: wait for it to be active again.
-                if desired is None or desired.status == "paused":
-                    self._hold(admission)
-                continue
-            record = CampaignRecord(
-                tid=self.tid,
-                campaign_id=admission.campaign_id,
-                attempt=admission.attempt,
-                started_at=time.monotonic(),
-                data_before=self.data_checksum,
-                versions_before=dict(self._flash.versions),
-            )
-            if self._records is None:
-                self._records = collections.deque(maxlen=_RECORDS_MAX)
-            self._records.append(record)
-            if self._on_record is not None:
-                self._on_record(record)
-            steps = self._run_update(record, desired, may_postpone=admission.may_postpone)
-            await self._attempt(admission, record, steps)
-            following, self._after_running = self._after_running, None
-            if following is not None and following.campaign_id == job:
-                self._enqueue(following)
+        """Run the queued jobs in order, then end (`_start_worker`)."""
+        try:
+            while self._jobs:
+                await self._run_job(self._jobs.pop(0))
+        finally:
+            self._working = False
+
+    async def _run_job(self, job: int) -> None:
+        if job == _REBOOT:
+            try:
+                await self._reboot()
+            except _BrickedError:
+                await _forever()
+            return
+        if job == _RESUME:
+            journal = self._journal
+            if journal is not None:
+                record = journal.record
+                again = _Admission(record.campaign_id, record.attempt, may_postpone=False)
+                await self._attempt(again, record, self._install_all(journal, resume=True))
+            return
+        admission = self._admitted.pop(job, None)
+        if admission is None:
+            return  # canceled while queued
+        desired = self._latest.get(job)
+        if desired is None or desired.status != "active":
+            # Paused (or forgotten) since: wait for it to be active again.
+            if desired is None or desired.status == "paused":
+                self._hold(admission)
+            return
+        record = CampaignRecord(
+            tid=self.tid,
+            campaign_id=admission.campaign_id,
+            attempt=admission.attempt,
+            started_at=time.monotonic(),
+            data_before=self.data_checksum,
+            versions_before=dict(self._flash.versions),
+        )
+        if self._records is None:
+            self._records = collections.deque(maxlen=_RECORDS_MAX)
+        self._records.append(record)
+        if self._on_record is not None:
+            self._on_record(record)
+        steps = self._run_update(record, desired, may_postpone=admission.may_postpone)
+        await self._attempt(admission, record, steps)
+        following, self._after_running = self._after_running, None
+        if following is not None and following.campaign_id == job:
+            self._enqueue(following)
 
     async def _attempt(
         self, admission: _Admission, record: CampaignRecord, steps: Coroutine[Any, Any, None]
