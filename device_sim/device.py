@@ -16,8 +16,9 @@ the attempt: resumed on the new release, or failed/rolled back on the old one.
 The terminal talks only through a `Link`, so the whole behaviour runs against an in-memory
 fake in unit tests. Its message task notices a lost connection and reconnects; nothing
 that task awaits waits for a reconnect (those link calls fail fast), so the terminal
-always makes progress. Its randomness comes from one `random.Random` seeded with the
-run's seed and the terminal id, so a run is reproducible terminal by terminal.
+always makes progress. Its randomness comes from the values of one `random.Random` seeded
+with the run's seed and the terminal id (`device_sim.draws.Draws`, which builds that
+generator only when needed), so a run is reproducible terminal by terminal.
 """
 
 import asyncio
@@ -37,6 +38,7 @@ from zoneinfo import ZoneInfo
 
 from device_sim.config import PowerLossPoint, SimConfig
 from device_sim.download import DownloadFailedError, DownloadPlan, download
+from device_sim.draws import Draws
 from device_sim.flag import Flag
 from device_sim.link import Link, LinkLostError
 from device_sim.stats import Stats
@@ -429,7 +431,7 @@ class Terminal:
         self._on_connected = on_connected
         self._on_record = on_record
         self._on_desired_changed = on_desired
-        self._rng = random.Random(f"{config.seed}:{profile.tid}")
+        self._rng = Draws(f"{config.seed}:{profile.tid}")
         self._stats = stats or Stats()
 
         # Kept on flash, so they survive a power loss: the slots and data (`_flash`), the
