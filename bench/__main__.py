@@ -19,6 +19,7 @@ from typing import Any
 
 from bench import campaign, ceilings, ingest, latency, memory, simulator, status
 from bench.harness import ROOT, Context, Result, format_figure, git_state, machine, now_iso, say
+from bench.report import update_docs, write_results
 
 #: The whole suite stops starting benchmarks, and cuts the running one short, after this.
 TOTAL_BUDGET_S = 14 * 60.0
@@ -154,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = args.out or RESULTS
     merged = merge(out, fresh) if args.names else fresh
-    from bench.report import update_docs, write_results  # noqa: PLC0415
-
     write_results(merged, out)
     say(f"\nresults: {out} (total {total:.0f} s)")
     if not args.no_docs and not (args.smoke and args.docs is None):

@@ -269,11 +269,6 @@ def established(port: int) -> int:
     return count
 
 
-def open_fds(pid: int) -> int:
-    """File descriptors a process holds (a broker: its listeners plus one per client)."""
-    return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
-
-
 def alive(pid: int) -> bool:
     """Whether a process still runs (and is not a zombie)."""
     try:
