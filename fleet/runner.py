@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 RUNNER = "runner"
 #: Terminals admitted per campaign per tick at most, so one tick stays short.
-_ADMIT_PER_TICK = 2000
+_ADMIT_PER_TICK = 10_000
 # Commands in flight at once from one runner step.
 _SEND_CONCURRENCY = 500
 #: Terminal ids listed in one audit entry; the count is always complete.
