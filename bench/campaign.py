@@ -34,7 +34,7 @@ from bench.harness import (
     say,
     stack,
     start_controller,
-    start_simulator,
+    start_simulators,
     stop_simulator,
     terminal_ids,
     wait_until,
@@ -115,21 +115,17 @@ async def scenario(ctx: Context, result: Result, *, until_final: bool) -> dict[s
         campaign_id = await prepare_campaign(settings, "bench-campaign", start=False)
         controller = await start_controller(settings, servers.root / "controller.log")
         conn = await asyncpg.connect(servers.dsn)
-        per = terminals // processes
         simulators: list[Process] = []
         reports: list[dict[str, Any] | None] = []
         try:
-            # One by one, so those started are stopped even if a later one fails.
-            for n in range(processes):
-                simulators.append(  # noqa: PERF401
-                    await start_simulator(
-                        servers.broker,
-                        servers.root / f"simulator-{n}.log",
-                        count=per,
-                        start=n * per,
-                        args=_ZERO_TIME,
-                    )
-                )
+            await start_simulators(
+                servers.broker,
+                servers.root,
+                simulators,
+                count=terminals,
+                processes=processes,
+                args=_ZERO_TIME,
+            )
             booted = "SELECT count(*) FROM terminals WHERE boot_id IS NOT NULL"
 
             async def ready() -> bool:

@@ -591,6 +591,29 @@ async def start_controller(settings: FleetSettings, log: Path, ready_s: float = 
     raise RuntimeError(f"the controller was not ready in {ready_s:.0f} s:\n{controller.log_tail()}")
 
 
+async def start_simulators(
+    broker: Mosquitto,
+    root: Path,
+    into: list[Process],
+    *,
+    count: int,
+    processes: int,
+    args: Sequence[str] = (),
+) -> None:
+    """Start `processes` simulators sharing terminals T0..T{count} by id range.
+
+    Each is appended to `into` as soon as it runs, so the caller's clean-up stops those
+    started even when a later one fails to start.
+    """
+    per = count // processes
+    for n in range(processes):
+        into.append(  # noqa: PERF401 - one by one, see above
+            await start_simulator(
+                broker, root / f"simulator-{n}.log", count=per, start=n * per, args=args
+            )
+        )
+
+
 async def start_simulator(
     broker: Mosquitto,
     log: Path,

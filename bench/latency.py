@@ -33,7 +33,7 @@ from bench.harness import (
     say,
     stack,
     start_controller,
-    start_simulator,
+    start_simulators,
     stop_simulator,
     terminal_ids,
     wait_until,
@@ -155,21 +155,17 @@ async def _simulated(
     window_s: float,
 ) -> None:
     processes = 1 if ctx.smoke else SIM_PROCESSES
-    per = len(ids) // processes
     simulators: list[Process] = []
     reports: list[dict[str, Any] | None] = []
     try:
-        # One by one, so those started are stopped even if a later one fails.
-        for n in range(processes):
-            simulators.append(  # noqa: PERF401
-                await start_simulator(
-                    servers.broker,
-                    servers.root / f"simulator-{n}.log",
-                    count=per,
-                    start=n * per,
-                    args=["--heartbeat-only", "--heartbeat-s", "1", "--connect-concurrency", "200"],
-                )
-            )
+        await start_simulators(
+            servers.broker,
+            servers.root,
+            simulators,
+            count=len(ids),
+            processes=processes,
+            args=["--heartbeat-only", "--heartbeat-s", "1", "--connect-concurrency", "200"],
+        )
 
         async def online() -> bool:
             n = int(await conn.fetchval(_BOOTED))

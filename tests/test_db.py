@@ -70,11 +70,12 @@ async def test_migrate_is_idempotent_and_versioned(database_url: str) -> None:
     assert caught.value.expected == SCHEMA_VERSION
 
 
-async def _one_execution(repo: Repository) -> int:
+async def _one_execution(repo: Repository, ids: tuple[str, ...] = ("T1",)) -> int:
+    """A started campaign with one execution per terminal of `ids`."""
     async with repo.transaction() as q:
-        await q.upsert_terminals([{"id": "T1", "model": "P400"}])
+        await q.upsert_terminals([{"id": t, "model": "P400"} for t in ids])
         await q.create_group("g")
-        await q.assign_group("g", ["T1"])
+        await q.assign_group("g", list(ids))
         await q.add_package("fw", "firmware", "2.0", 10, "a" * 64, ["P400"])
     campaign_id = await campaigns.create_campaign(
         repo,
@@ -84,7 +85,7 @@ async def _one_execution(repo: Repository) -> int:
         packages=[("fw", "2.0")],
         policy=CampaignPolicy(health_gate=HealthGate(enabled=False)),
     )
-    assert (await campaigns.start_campaign(repo, CLOCK, campaign_id)).added == 1
+    assert (await campaigns.start_campaign(repo, CLOCK, campaign_id)).added == len(ids)
     return campaign_id
 
 
@@ -306,20 +307,7 @@ async def _executions(repo: Repository) -> list[asyncpg.Record]:
 
 async def test_one_statement_stores_events_of_many_terminals(repo: Repository) -> None:
     """Each row is judged on its own: applied, unknown execution, or a duplicate."""
-    async with repo.transaction() as q:
-        await q.upsert_terminals([{"id": t, "model": "P400"} for t in ("T1", "T2", "T3")])
-        await q.create_group("g")
-        await q.assign_group("g", ["T1", "T2", "T3"])
-        await q.add_package("fw", "firmware", "2.0", 10, "a" * 64, ["P400"])
-    campaign_id = await campaigns.create_campaign(
-        repo,
-        CLOCK,
-        name="c",
-        groups=["g"],
-        packages=[("fw", "2.0")],
-        policy=CampaignPolicy(health_gate=HealthGate(enabled=False)),
-    )
-    assert (await campaigns.start_campaign(repo, CLOCK, campaign_id)).added == 3
+    campaign_id = await _one_execution(repo, ("T1", "T2", "T3"))
 
     def row(tid: str, seq: int, state: ExecState, msg_id: str, campaign: int) -> EventRow:
         return EventRow(
