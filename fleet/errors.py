@@ -41,6 +41,14 @@ class DatabaseUnavailableError(DatabaseError):
     """PostgreSQL cannot be reached; the caller should back off and retry."""
 
 
+class TransientConflictError(DatabaseUnavailableError):
+    """A deadlock, serialization failure or lock timeout: the same work succeeds if retried.
+
+    A kind of unavailability, so callers that retry an unavailable database retry this
+    too, instead of blaming the data (a batch written one by one, a message dead-lettered).
+    """
+
+
 class DuplicateError(DatabaseError):
     """A row already exists.
 

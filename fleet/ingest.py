@@ -200,6 +200,7 @@ class Ingest:
         started = time.perf_counter()
         hello_groups: dict[str, list[str]] = {}
         async with self._repo.transaction() as q:
+            await q.plan_each_run()
             await self._write_events(q, batch)
             await self._write_heartbeats(q, batch)
             await self._write_presence(q, batch)
@@ -351,20 +352,26 @@ class Ingest:
 
 
 def _rounds(events: list[StateEvent]) -> list[list[StateEvent]]:
-    """Split events so each round names a terminal once: its 1st events, its 2nd, ...
+    """Split events so each round names a terminal, and a message id, once.
 
     Within a terminal arrival order is kept, so each event is applied after the one the
-    terminal sent before it, as if they were written one by one.
+    terminal sent before it, as if they were written one by one. A message id seen twice
+    (a replay, even under another terminal) goes to a later round, where the first copy
+    is already stored and the second counts as the duplicate it is.
     """
-    per_terminal: dict[str, list[StateEvent]] = {}
-    for event in events:
-        per_terminal.setdefault(event.tid, []).append(event)
     rounds: list[list[StateEvent]] = []
-    for queue in per_terminal.values():
-        for depth, event in enumerate(queue):
-            if depth == len(rounds):
-                rounds.append([])
-            rounds[depth].append(event)
+    ids: list[set[str]] = []
+    next_round: dict[str, int] = {}
+    for event in events:
+        depth = next_round.get(event.tid, 0)
+        while depth < len(rounds) and event.msg_id in ids[depth]:
+            depth += 1
+        if depth == len(rounds):
+            rounds.append([])
+            ids.append(set())
+        rounds[depth].append(event)
+        ids[depth].add(event.msg_id)
+        next_round[event.tid] = depth + 1
     return rounds
 
 

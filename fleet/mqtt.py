@@ -13,6 +13,8 @@ pauses until ingest catches up.
 
 import asyncio
 import logging
+import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,8 +48,9 @@ class Incoming:
     mid: int
     qos: int
     retain: bool
-    # Message ids are per connection: an ack is only sent on the connection it came from.
-    generation: int
+    # Packet ids are per connection: an ack only goes back on the connection it came by
+    # (None: not from the network, nothing to acknowledge).
+    connection: Connection | None = None
 
 
 class MqttSession:
@@ -75,9 +78,9 @@ class MqttSession:
             receive_maximum=settings.mqtt_receive_max,
         )
         self._connection: Connection | None = None
-        self._generation = 0
         self._task: asyncio.Task[None] | None = None
         self._paused: list[Incoming] = []
+        self._draining: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         #: False once the broker refused one of ingest's subscriptions (an ACL mistake):
         #: the controller would otherwise look healthy while receiving nothing.
@@ -91,9 +94,10 @@ class MqttSession:
 
     async def stop(self) -> None:
         """Disconnect cleanly; un-acked messages stay queued in the broker's session."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._draining):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         connection, self._connection = self._connection, None
         self.connected.clear()
         if connection is not None:
@@ -112,14 +116,16 @@ class MqttSession:
                     self._on_message,
                     timeout_s=settings.mqtt_publish_timeout_s,
                 )
+                self._connection = connection
                 if self._subscribe:
                     await self._subscribe_on(connection)
             except MqttError as exc:
                 logger.warning("MQTT connect failed: %s", exc, extra={"action": "mqtt_refused"})
-                await asyncio.sleep(delay)
+                # Jittered, so controllers restarted together do not reconnect in step.
+                await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, _RECONNECT_MAX_S)
                 continue
-            delay = _RECONNECT_MIN_S
+            connected_at = time.monotonic()
             metrics.MQTT_CONNECTS.inc()
             logger.info("MQTT connected", extra={"action": "mqtt_connected"})
             self.connected.set()
@@ -128,12 +134,12 @@ class MqttSession:
             self._connection = None
             self.connected.clear()
             logger.warning("MQTT disconnected: %s", ended, extra={"action": "mqtt_lost"})
+            if time.monotonic() - connected_at > _RECONNECT_MAX_S:
+                # A connection that lasted is a fresh start; one the broker dropped at once
+                # (say, another controller with our client id) keeps backing off.
+                delay = _RECONNECT_MIN_S
 
     async def _subscribe_on(self, connection: Connection) -> None:
-        # Both set before the SUBSCRIBE: the session may already hold queued messages,
-        # which the broker delivers right after CONNACK, and their acks need both.
-        self._generation += 1
-        self._connection = connection
         # Retain handling 1: retained presence only when the subscription is new, not
         # again on every reconnect of the same persistent session [MQTT-3.8.3-1].
         codes = await connection.subscribe([(topic, 1, 1) for topic in SUBSCRIPTIONS])
@@ -142,8 +148,8 @@ class MqttSession:
             for topic, code in zip(SUBSCRIPTIONS, codes, strict=True)
             if code >= 0x80
         ]
+        self.subscribed_ok = not refused
         if refused:
-            self.subscribed_ok = False
             logger.error(
                 "broker refused ingest subscriptions: %s",
                 refused,
@@ -151,29 +157,37 @@ class MqttSession:
             )
 
     def _on_message(self, connection: Connection, message: Message) -> None:
+        # Stamped with its connection here, in `data_received`: a persistent session's
+        # queued messages can arrive in the very read that carries the CONNACK.
         incoming = Incoming(
             message.topic,
             message.payload,
             message.packet_id,
             message.qos,
             message.retain,
-            self._generation,
+            connection,
         )
-        if self._paused:
-            self._paused.append(incoming)
-            return
-        try:
-            self._inbox.put_nowait(incoming)
-        except asyncio.QueueFull:
-            # Stop reading the socket: TCP pushes back on the broker until ingest drains.
-            self._paused.append(incoming)
-            connection.pause_reading()
-            asyncio.get_running_loop().create_task(self._drain_paused(connection))
+        if not self._paused:
+            try:
+                self._inbox.put_nowait(incoming)
+            except asyncio.QueueFull:
+                pass
+            else:
+                return
+        # Stop reading the socket: TCP pushes back on the broker until ingest drains.
+        self._paused.append(incoming)
+        connection.pause_reading()
+        if self._draining is None or self._draining.done():
+            self._draining = asyncio.get_running_loop().create_task(
+                self._drain_paused(), name="mqtt-drain"
+            )
 
-    async def _drain_paused(self, connection: Connection) -> None:
+    async def _drain_paused(self) -> None:
         while self._paused:
-            await self._inbox.put(self._paused.pop(0))
-        connection.resume_reading()
+            incoming = self._paused.pop(0)
+            await self._inbox.put(incoming)
+            if not self._paused and incoming.connection is not None:
+                incoming.connection.resume_reading()
 
     def healthy(self) -> bool:
         """Connected, and every ingest subscription was granted."""
@@ -184,12 +198,18 @@ class MqttSession:
         self.ack_many([message])
 
     def ack_many(self, messages: Sequence[Incoming]) -> None:
-        """Acknowledge committed messages with one write."""
-        connection = self._connection
-        if connection is None:
-            return
-        generation = self._generation
-        connection.ack_many([m.mid for m in messages if m.qos and m.generation == generation])
+        """Acknowledge committed messages, one write per connection they came by.
+
+        Those of a connection already gone are not: the broker delivers them again on
+        the next one (its session keeps them), and storing them again is idempotent.
+        """
+        by_connection: dict[Connection, list[int]] = {}
+        for m in messages:
+            if m.qos and m.connection is not None:
+                by_connection.setdefault(m.connection, []).append(m.mid)
+        for connection, packet_ids in by_connection.items():
+            if connection.is_open:
+                connection.ack_many(packet_ids)
 
     async def publish(
         self,

@@ -102,7 +102,8 @@ class CampaignRunner:
         # Per campaign: when members were last enrolled (monotonic), and the waves whose
         # members were then still awaiting their first hello.
         self._enrolled: dict[int, tuple[float, frozenset[int]]] = {}
-        # Settled campaigns that a last enrollment pass found nothing more for.
+        # Settled campaigns that a last enrollment pass found nothing more for; one that
+        # becomes unsettled again (a member awaiting its hello) leaves the set.
         self._finished: set[int] = set()
         self.ticked = asyncio.Event()
 
@@ -156,15 +157,22 @@ class CampaignRunner:
     async def _step(self, campaign: LiveCampaign) -> None:
         policy = CampaignPolicy.model_validate(campaign.policy)
         if campaign.settled:
-            if campaign.id in self._finished or campaign.control not in ("running", "paused"):
+            if (
+                campaign.id in self._finished
+                or campaign.id not in self._enrolled
+                or campaign.control not in ("running", "paused")
+            ):
                 return
             # A member whose hello landed after the last pass is neither awaiting its hello
             # nor enrolled, so the campaign looks settled: judge such members once before
-            # believing it. Joiners after this pass find a finished campaign.
+            # believing it. Joiners after this pass find a finished campaign. Only for
+            # campaigns this process saw unsettled: after a restart, an old finished
+            # campaign must not start enrolling whoever joined its groups since.
             joined = await self._enroll_joiners(campaign, policy)
             if not (joined.added or joined.excluded or joined.awaiting_waves):
                 self._finished.add(campaign.id)
             return
+        self._finished.discard(campaign.id)
         awaiting_waves: frozenset[int] = frozenset()
         if campaign.control in ("running", "paused"):
             # A full pass over the groups' members is the costliest query of a tick (0.6 s

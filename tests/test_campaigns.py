@@ -614,3 +614,31 @@ async def test_members_whose_hello_lands_between_passes_are_still_enrolled(rig: 
     assert sorted(enrolled) == ids
     status = await campaigns.campaign_status(rig.repo, campaign_id)
     assert status.totals == {"pending": 3}
+
+    # Finished; then a provisioned terminal joins, unsettling it until its hello lands
+    # between two passes again: it is enrolled like the first three.
+    async with rig.repo.connection() as q:
+        await q._conn.execute(
+            "UPDATE executions SET state = 'succeeded', finished_at = now() WHERE campaign_id = $1",
+            campaign_id,
+        )
+    await runner.tick()
+    await runner.tick()
+    async with rig.repo.transaction() as q:
+        await q.upsert_terminals([{"id": "H4"}])
+        await q.assign_group("g", ["H4"])
+    await runner.tick()
+    async with rig.repo.transaction() as q:
+        await q.record_hello(
+            terminal_id="H4",
+            model="P400",
+            versions={"os": "1.0.0"},
+            merchant_id="M1",
+            timezone="UTC",
+            attributes={},
+            boot_id=new_message_id(),
+        )
+    await runner.tick()
+    async with rig.repo.connection() as q:
+        enrolled = [r["terminal_id"] for r in await q.executions(campaign_id)]
+    assert sorted(enrolled) == [*ids, "H4"]

@@ -27,6 +27,9 @@ class FakeQueries:
 
     store: "FakeRepository"
 
+    async def plan_each_run(self) -> None:
+        pass
+
     async def record_events(self, rows: list[EventRow], _at: Any) -> list[_Outcome]:
         if any(row.msg_id == self.store.poison for row in rows):
             raise QueryRefusedError("22003", "value out of range")
@@ -74,7 +77,6 @@ def _incoming(mid: int, msg_id: str) -> Incoming:
         mid=mid,
         qos=1,
         retain=False,
-        generation=0,
     )
 
 
@@ -106,3 +108,9 @@ def test_rounds_name_each_terminal_once_and_keep_its_order() -> None:
         [("A", 2), ("B", 2)],
         [("A", 3)],
     ]
+    # B replays A's first message id: it waits for a round where that id is stored.
+    replay = event("B", 3).model_copy(update={"msg_id": events[0].msg_id})
+    rounds = _rounds([events[0], events[1], replay])
+    assert [[(e.tid, e.seq) for e in r] for r in rounds] == [[("A", 1), ("B", 1)], [("B", 3)]]
+    rounds = _rounds([events[0], replay, events[1]])  # B's own order is kept too
+    assert [[(e.tid, e.seq) for e in r] for r in rounds] == [[("A", 1)], [("B", 3)], [("B", 1)]]

@@ -24,6 +24,7 @@ from fleet.errors import (
     DuplicateError,
     QueryRefusedError,
     SchemaVersionError,
+    TransientConflictError,
 )
 
 _NAME_RE = re.compile(r"^-- name: ([a-z_]+)\s*$", re.MULTILINE)
@@ -219,6 +220,10 @@ class Queries:
         """Store one state event; `record_events` with a single row."""
         [outcome] = await self.record_events([row], at)
         return outcome
+
+    async def plan_each_run(self) -> None:
+        """Plan this transaction's statements on every run (ingest's batches)."""
+        await self._conn.execute(QUERIES["plan_each_run"])
 
     async def record_events(self, rows: Sequence["EventRow"], at: datetime) -> list[EventOutcome]:
         """Store state events idempotently and apply each that is new and legal.
@@ -703,6 +708,9 @@ _UNAVAILABLE = (
 )
 
 
+_LOCK_NOT_AVAILABLE = "55P03"
+
+
 class _translated:  # noqa: N801 - used like a function, as a context manager
     def __enter__(self) -> None:
         return None
@@ -712,6 +720,10 @@ class _translated:  # noqa: N801 - used like a function, as a context manager
     ) -> None:
         if isinstance(exc, asyncpg.UniqueViolationError):
             raise DuplicateError(constraint=exc.constraint_name or "") from exc
+        if isinstance(exc, asyncpg.PostgresError) and (
+            (exc.sqlstate or "").startswith("40") or exc.sqlstate == _LOCK_NOT_AVAILABLE
+        ):
+            raise TransientConflictError(str(exc)) from exc
         if isinstance(exc, _UNAVAILABLE):
             raise DatabaseUnavailableError(str(exc) or type(exc).__name__) from exc
         if isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc).lower():
@@ -741,11 +753,6 @@ async def connect(
             max_size=pool_size,
             init=_init_connection,
             command_timeout=command_timeout_s,
-            # Most statements here take arrays of 1 to thousands of rows. After five runs
-            # PostgreSQL may switch a prepared statement to a generic plan built for no
-            # size in particular: record_events went from 40 ms to 0.5-1.3 s per
-            # 400-row round that way (docs/benchmarks.md). Planning each run is cheaper.
-            server_settings={"plan_cache_mode": "force_custom_plan"},
         )
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError) as exc:
         raise DatabaseUnavailableError(str(exc)) from exc
