@@ -55,7 +55,9 @@ class FleetSettings(BaseSettings):
         description="How long a publish may wait for the broker's PUBACK before it counts "
         "as failed (and is retried by whoever sent it).",
     )
-    mqtt_keepalive_s: int = Field(30, ge=5, description="MQTT keep-alive of the controller.")
+    mqtt_keepalive_s: int = Field(
+        30, ge=5, le=65_535, description="MQTT keep-alive of the controller."
+    )
 
     http_host: str = Field("127.0.0.1", description="Bind address of artifacts and metrics.")
     http_port: int = Field(8080, description="Port of artifacts (/artifacts) and /metrics.")
