@@ -147,10 +147,14 @@ class WireLink:
     ) -> None:
         """Publish at QoS 1; a failure (even a timeout on a live connection) reconnects."""
         while True:
-            connection = await self._live(wait=wait)
+            # Awaiting `_live` only when down spares a coroutine on every publish.
+            connection = self._connection or await self._live(wait=wait)
             try:
-                async with asyncio.timeout(self._identity.timeout_s):
-                    await connection.publish(topic, payload, qos=1, retain=retain)
+                # The connection's own coarse deadline, not `asyncio.timeout`: a timer
+                # per publish was a tenth of the CPU of a heartbeat.
+                await connection.publish(
+                    topic, payload, qos=1, retain=retain, timeout_s=self._identity.timeout_s
+                )
             except (MqttError, TimeoutError) as exc:
                 if connection.is_open and isinstance(exc, MqttError):
                     # Refused by the broker (an ACL): sending again would be refused again.

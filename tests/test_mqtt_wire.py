@@ -8,6 +8,7 @@ import pytest
 from fleet import protocol
 from fleet.embedded import Mosquitto
 from fleet.mqtt_wire import (
+    DEADLINE_TICK_S,
     Connection,
     ConnectionLostError,
     ConnectOptions,
@@ -220,3 +221,47 @@ def test_publish_encoding_round_trips_through_the_parser() -> None:
     props, end = parse_properties(packet, 3 + 5 + 2)
     assert props == {0x02: 60}
     assert packet[end:] == b"x" * 300
+
+
+def test_publish_encoding_of_short_packets() -> None:
+    """The one-byte length and the empty property block of a heartbeat-sized PUBLISH."""
+    assert encode_publish("a/b", b"hi", qos=0, retain=False) == b"\x30\x08\x00\x03a/b\x00hi"
+    assert encode_publish("a/b", b"hi", qos=1, retain=True, packet_id=258) == (
+        b"\x33\x0a\x00\x03a/b\x01\x02\x00hi"
+    )
+
+
+class _Transport(asyncio.Transport):
+    """Keeps what is written; the peer answers only when a test feeds the connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+async def test_publish_timeout_fails_an_unanswered_publish() -> None:
+    connection = Connection(Inbox())
+    connection.connection_made(_Transport())
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TimeoutError):
+        await connection.publish("a/b", b"x", qos=1, timeout_s=0.05)
+    # Kept on a coarse tick: late by at most one tick, never early.
+    assert 0.05 <= asyncio.get_running_loop().time() - started < 0.05 + DEADLINE_TICK_S + 0.2
+
+
+async def test_publish_timeout_lets_an_answered_publish_through() -> None:
+    connection = Connection(Inbox())
+    connection.connection_made(_Transport())
+    publish = asyncio.create_task(connection.publish("a/b", b"x", qos=1, timeout_s=0.05))
+    await asyncio.sleep(0)
+    connection.data_received(b"\x40\x02\x00\x01")  # PUBACK for packet 1
+    await publish
+    # Past the deadline, the answered publish is not failed after the fact.
+    await asyncio.sleep(0.05 + DEADLINE_TICK_S)
+    assert publish.exception() is None
