@@ -3,6 +3,7 @@
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -12,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
+import pydantic
 import pytest
 
+from device_sim import device as device_module
 from device_sim import wire_link
 from device_sim.config import Faults, SimConfig, Timing
 from device_sim.device import CampaignRecord, SentEvent, Terminal, TerminalProfile
@@ -916,6 +919,54 @@ async def test_boot_heartbeat_after_every_boot(http: ArtifactServer) -> None:
         assert [b.health["boots"] for b in beats] == [1, 2]
         assert hellos[1].boot_id == h.terminal.boot_id
         assert h.terminal.heartbeats_sent == 2
+
+
+@pytest.mark.parametrize(
+    ("now", "skew", "error_rate", "versions", "busy"),
+    [
+        (1_795_705_102.668478, 0.0, 0.02, INITIAL, False),
+        (1_700_000_000.0, -3.25, 1e-05, {"os": "1.0"}, True),
+        (4_099_999_999.999999, 0.125, 0.0, {'ü "k\\': "2.0+b.1", "pay": "1"}, False),
+    ],
+)
+def test_heartbeat_bytes_are_the_models(
+    monkeypatch: pytest.MonkeyPatch,
+    now: float,
+    skew: float,
+    error_rate: float,
+    versions: dict[str, str],
+    busy: bool,
+) -> None:
+    """The cached encoder sends exactly what `Heartbeat(...).to_bytes()` encodes."""
+    config = make_config(faults=Faults(txn_error_rate=error_rate))
+    profile = dataclasses.replace(
+        TerminalProfile.from_config(config, 0), versions=versions, clock_skew_s=skew
+    )
+    terminal = Terminal(profile, config, FakeLink({}))
+    terminal._busy_forced = busy
+    monkeypatch.setattr(protocol, "now", lambda: now - skew)
+    clock = iter(range(10_000, 20_000, 7))
+    monkeypatch.setattr(device_module.time, "monotonic", lambda: float(next(clock)))
+    # The first beat of a release goes through the model, the next ones do not.
+    for _ in range(3):
+        payload = terminal._heartbeat_payload()
+        fields = json.loads(payload)
+        assert payload == protocol.Heartbeat(**fields).to_bytes()
+        assert fields["ts"] == now
+        assert fields["versions"] == versions
+        assert fields["health"][protocol.HEALTH_TXN_ERROR_RATE] == error_rate
+        assert fields["busy"] is busy
+    beat = terminal.heartbeat()
+    assert beat.versions == versions
+
+
+def test_heartbeat_out_of_range_still_fails_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the checked release, a value the model would refuse still raises."""
+    terminal = Terminal(TerminalProfile.from_config(make_config(), 0), make_config(), FakeLink({}))
+    terminal._heartbeat_payload()
+    monkeypatch.setattr(protocol, "now", lambda: 5e9)
+    with pytest.raises(pydantic.ValidationError):
+        terminal._heartbeat_payload()
 
 
 # -- commands -----------------------------------------------------------------------
