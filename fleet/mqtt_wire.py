@@ -55,6 +55,8 @@ _STRING: Final = frozenset({0x03, 0x08, 0x12, 0x15, 0x1A, 0x1C, 0x1F, 0x09, 0x16
 _PAIR: Final = 0x26
 
 _U16_PACK = struct.Struct("!H").pack
+#: How long a disconnecting client waits for the broker to close before it aborts.
+CLOSE_WAIT_S: Final = 5.0
 _PUBACK_OK_PREFIX: Final = bytes((_PUBACK, 2))
 _NO_PROPERTIES: Final = b"\x00"
 _ONE_BYTE: Final = tuple(bytes((n,)) for n in range(256))
@@ -321,6 +323,7 @@ class Connection(asyncio.Protocol):
         "_pending",
         "_ping_handle",
         "_pong_due",
+        "_reading_paused",
         "_transport",
         "closed",
         "on_message",
@@ -347,6 +350,7 @@ class Connection(asyncio.Protocol):
         self.session_present = False
         self._keepalive_s = 0
         self._ping_handle: asyncio.TimerHandle | None = None
+        self._reading_paused = False
         self._pong_due = False
 
     # -- asyncio.Protocol -------------------------------------------------------------
@@ -396,6 +400,9 @@ class Connection(asyncio.Protocol):
         except MqttError as exc:
             self._fail(exc)
             return
+        except (IndexError, ValueError, struct.error) as exc:  # UnicodeDecodeError included
+            self._fail(MqttError(f"malformed packet from the broker: {exc}"))
+            return
         if pos == end:
             buffer.clear()
         elif view is buffer:
@@ -436,6 +443,10 @@ class Connection(asyncio.Protocol):
             raise MqttError(msg)
 
     def _on_publish(self, first: int, body: bytes) -> None:
+        if self._closing:
+            # Said DISCONNECT already: it could not be acknowledged here, so it is not
+            # handed on; the broker's session delivers it again next time.
+            return
         qos = (first >> 1) & 0x03
         size = (body[0] << 8) | body[1]
         pos = 2 + size
@@ -487,8 +498,9 @@ class Connection(asyncio.Protocol):
     def _ping(self) -> None:
         if self._transport is None:
             return
-        if self._pong_due:
+        if self._pong_due and not self._reading_paused:
             # A whole keep-alive period without an answer: the broker or the path is gone.
+            # (Not while we stopped reading ourselves: the answer waits in the socket.)
             self._fail(ConnectionLostError("no PINGRESP within the keep-alive"))
             return
         self._pong_due = True
@@ -537,11 +549,13 @@ class Connection(asyncio.Protocol):
         """Stop reading the socket (TCP then pushes back on the broker)."""
         if self._transport is not None:
             self._transport.pause_reading()
+            self._reading_paused = True
 
     def resume_reading(self) -> None:
         """Read the socket again."""
         if self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
+            self._reading_paused = False
 
     def publish_nowait(
         self,
@@ -642,11 +656,23 @@ class Connection(asyncio.Protocol):
         return codes
 
     def disconnect(self) -> None:
-        """Send DISCONNECT (the will is not published) and close."""
+        """Send DISCONNECT (the will is not published) and half-close; `closed` follows.
+
+        Not a full close: anything the broker sent meanwhile would hit a closed socket,
+        and the reset that answers it can make the broker drop what it had not read yet,
+        our last acknowledgements included. The broker closes once it has read the
+        DISCONNECT; if it does not within `CLOSE_WAIT_S`, the connection is aborted.
+        """
         self._closing = True
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(bytes((_DISCONNECT, 0)))
-            self._transport.close()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(bytes((_DISCONNECT, 0)))
+        if transport.can_write_eof():
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(CLOSE_WAIT_S, self.abort)
+        else:
+            transport.close()
 
     def abort(self) -> None:
         """Drop the connection without DISCONNECT, as a power loss would (the will fires)."""

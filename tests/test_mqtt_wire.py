@@ -1,6 +1,7 @@
 """Our MQTT v5 client against the real broker: handshake, QoS1 both ways, manual ack, will."""
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ TID = "T000001"
 
 
 @pytest.fixture
-def terminal_broker(tmp_path: Path) -> Mosquitto:
+def terminal_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     """A broker that knows one terminal besides the controller."""
     server = Mosquitto(controller_username=CONTROLLER_USERNAME)
     server.start(
@@ -34,7 +35,10 @@ def terminal_broker(tmp_path: Path) -> Mosquitto:
         terminals=[TID],
         terminal_secret=TERMINAL_SECRET,
     )
-    return server
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class Inbox:
