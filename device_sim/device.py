@@ -735,9 +735,9 @@ class Terminal:
 
     async def _power_off(self) -> None:
         # Runs while the task is being cancelled: every await is bounded, and a further
-        # cancellation still propagates (only `Exception`s are suppressed). The publish
-        # re-raises the pending cancellation once it is acknowledged (see link.py), so
-        # the disconnect sits in `finally` or a real broker would never see it.
+        # cancellation still propagates (only `Exception`s are suppressed), which can end
+        # the presence publish early, so the disconnect sits in `finally` or a real
+        # broker would never see it.
         try:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
