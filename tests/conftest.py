@@ -19,6 +19,7 @@ from fleet.embedded import ExternalPostgres, Mosquitto, Postgres, PostgresServer
 CONTROLLER_USERNAME = "controller"
 CONTROLLER_PASSWORD = "test-controller-password"
 TERMINAL_SECRET = "test-terminal-secret"
+ONE_TERMINAL = "T000001"
 # Read once at import: the autouse fixture below clears FLEET_* for each test.
 EXTERNAL_DATABASE_URL = os.environ.get("FLEET_TEST_DATABASE_URL")
 
@@ -55,6 +56,22 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     """A fresh private broker per test, bootstrapped with the controller identities."""
     server = Mosquitto(controller_username=CONTROLLER_USERNAME)
     server.start(tmp_path / "mosquitto", CONTROLLER_PASSWORD)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def terminal_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A fresh private broker that knows one terminal, `ONE_TERMINAL`, besides the controller."""
+    server = Mosquitto(controller_username=CONTROLLER_USERNAME)
+    server.start(
+        tmp_path / "mosquitto",
+        CONTROLLER_PASSWORD,
+        terminals=[ONE_TERMINAL],
+        terminal_secret=TERMINAL_SECRET,
+    )
     try:
         yield server
     finally:

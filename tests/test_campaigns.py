@@ -585,6 +585,21 @@ async def test_a_pause_does_not_time_out_terminals_it_holds(rig: Rig) -> None:
     }
 
 
+async def _say_hello(rig: Rig, ids: list[str]) -> None:
+    """Record each terminal's first hello, as ingest would: a P400 on os 1.0.0."""
+    async with rig.repo.transaction() as q:
+        for tid in ids:
+            await q.record_hello(
+                terminal_id=tid,
+                model="P400",
+                versions={"os": "1.0.0"},
+                merchant_id="M1",
+                timezone="UTC",
+                attributes={},
+                boot_id=new_message_id(),
+            )
+
+
 async def test_members_whose_hello_lands_between_passes_are_still_enrolled(rig: Rig) -> None:
     """A campaign of members all awaiting their hello must not settle empty once they say it."""
     ids = ["H1", "H2", "H3"]
@@ -597,17 +612,7 @@ async def test_members_whose_hello_lands_between_passes_are_still_enrolled(rig: 
     runner = CampaignRunner(rig.repo, rig.publisher, settings, rig.clock)
     campaign_id = await _campaign(rig, waves=[Wave(percent=100)])
     await runner.tick()  # the only regular enrollment pass for an hour: all still awaiting
-    async with rig.repo.transaction() as q:
-        for tid in ids:
-            await q.record_hello(
-                terminal_id=tid,
-                model="P400",
-                versions={"os": "1.0.0"},
-                merchant_id="M1",
-                timezone="UTC",
-                attributes={},
-                boot_id=new_message_id(),
-            )
+    await _say_hello(rig, ids)
     await runner.tick()
     async with rig.repo.connection() as q:
         enrolled = [r["terminal_id"] for r in await q.executions(campaign_id)]
@@ -628,16 +633,7 @@ async def test_members_whose_hello_lands_between_passes_are_still_enrolled(rig: 
         await q.upsert_terminals([{"id": "H4"}])
         await q.assign_group("g", ["H4"])
     await runner.tick()
-    async with rig.repo.transaction() as q:
-        await q.record_hello(
-            terminal_id="H4",
-            model="P400",
-            versions={"os": "1.0.0"},
-            merchant_id="M1",
-            timezone="UTC",
-            attributes={},
-            boot_id=new_message_id(),
-        )
+    await _say_hello(rig, ["H4"])
     await runner.tick()
     async with rig.repo.connection() as q:
         enrolled = [r["terminal_id"] for r in await q.executions(campaign_id)]

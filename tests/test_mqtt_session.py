@@ -1,36 +1,16 @@
 """The controller's session against the real broker: what it acknowledges is never sent again."""
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from fleet import protocol
 from fleet.embedded import Mosquitto
 from fleet.mqtt import Incoming, MqttSession
 from fleet.mqtt_wire import Connection, ConnectOptions, Message, open_connection
 from fleet.settings import FleetSettings
-from tests.conftest import CONTROLLER_PASSWORD, CONTROLLER_USERNAME, TERMINAL_SECRET
+from tests.conftest import CONTROLLER_PASSWORD, TERMINAL_SECRET
+from tests.conftest import ONE_TERMINAL as TID
 
-TID = "T000001"
 QUEUED = 3000
-
-
-@pytest.fixture
-def terminal_broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A broker that knows one terminal besides the controller."""
-    server = Mosquitto(controller_username=CONTROLLER_USERNAME)
-    server.start(
-        tmp_path / "mosquitto",
-        CONTROLLER_PASSWORD,
-        terminals=[TID],
-        terminal_secret=TERMINAL_SECRET,
-    )
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def settings_for(broker: Mosquitto) -> FleetSettings:

@@ -1,8 +1,6 @@
 """Our MQTT v5 client against the real broker: handshake, QoS1 both ways, manual ack, will."""
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -21,24 +19,7 @@ from fleet.mqtt_wire import (
     parse_properties,
 )
 from tests.conftest import CONTROLLER_PASSWORD, CONTROLLER_USERNAME, TERMINAL_SECRET
-
-TID = "T000001"
-
-
-@pytest.fixture
-def terminal_broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A broker that knows one terminal besides the controller."""
-    server = Mosquitto(controller_username=CONTROLLER_USERNAME)
-    server.start(
-        tmp_path / "mosquitto",
-        CONTROLLER_PASSWORD,
-        terminals=[TID],
-        terminal_secret=TERMINAL_SECRET,
-    )
-    try:
-        yield server
-    finally:
-        server.stop()
+from tests.conftest import ONE_TERMINAL as TID
 
 
 class Inbox:
