@@ -13,6 +13,7 @@ from typing import Any
 
 from bench.loadpub import Message
 from fleet import protocol
+from fleet.db import repository
 from fleet.protocol import MessageKind
 from fleet.states import ExecState
 
@@ -129,16 +130,8 @@ def heartbeat_rows(count: int, ids: Sequence[str], ts: float) -> list[tuple[Any,
     ]
 
 
-HEARTBEAT_COLUMNS = [
-    "terminal_id",
-    "received_at",
-    "device_ts",
-    "versions",
-    "battery_pct",
-    "storage_free_mb",
-    "busy",
-    "health",
-]
+#: The columns the product's own COPY writes, so the ceiling copies the same row shape.
+HEARTBEAT_COLUMNS = list(repository.HEARTBEAT_COLUMNS)
 
 
 def event_rows(
