@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fleet import audit, campaigns, controller, inventory
+from fleet import audit, campaigns, controller, inventory, tokens
 from fleet.artifacts import ArtifactStore
 from fleet.broker_admin import BrokerAdmin
 from fleet.clock import SystemClock
@@ -29,6 +29,7 @@ from fleet.policy import CampaignPolicy, TargetFilter
 from fleet.progress import render_status
 from fleet.protocol import PackageKind
 from fleet.settings import FleetSettings
+from fleet.tokens import Role
 
 logger = logging.getLogger("fleet")
 
@@ -137,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     audit_cmd.add_parser("verify", help="recompute the whole chain; exit 1 if it is broken")
+
+    token = sub.add_parser("token", help="operator tokens of the REST API").add_subparsers(
+        dest="action", required=True
+    )
+    issue = token.add_parser("create", help="issue a token and print it (shown only once)")
+    issue.add_argument("--name", required=True, help="who uses it; the audit log's actor")
+    issue.add_argument("--role", required=True, choices=[r.label for r in Role])
+    token.add_parser("list", help="every token, revoked ones too")
+    token.add_parser("revoke", help="refuse a token from now on").add_argument("id", type=int)
     return parser
 
 
@@ -293,6 +303,8 @@ async def _run(args: argparse.Namespace, settings: FleetSettings) -> int:  # noq
             return await _with_repo(settings, lambda repo: _campaign(repo, args))
         case "audit":
             return await _with_repo(settings, _verify_audit)
+        case "token":
+            return await _with_repo(settings, lambda repo: _token(repo, args))
     return 2
 
 
@@ -393,6 +405,25 @@ async def _campaign(repo: Repository, args: argparse.Namespace) -> int:
                     )
         case "status":
             await _status(repo, campaign_id, watch=args.watch, as_json=args.json)
+    return 0
+
+
+async def _token(repo: Repository, args: argparse.Namespace) -> int:
+    now = SystemClock().now()
+    match args.action:
+        case "create":
+            info, secret = await tokens.issue(
+                repo, name=args.name, role=Role.parse(args.role), actor="cli", at=now
+            )
+            print(f"token {info.id} ({info.name}, {info.role.label}); shown only now:")
+            print(secret)
+        case "list":
+            for info in await tokens.list_tokens(repo):
+                revoked = f" revoked {info.revoked_at.isoformat()}" if info.revoked_at else ""
+                print(f"{info.id:>4} {info.name:<24} {info.role.label:<8}{revoked}")
+        case "revoke":
+            await tokens.revoke(repo, args.id, actor="cli", at=now)
+            print(f"token {args.id} revoked")
     return 0
 
 
