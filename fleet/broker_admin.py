@@ -109,7 +109,10 @@ class BrokerAdmin:
             clean_start=True,
             logger=logger,
         )
-        await client.__aenter__()
+        try:
+            await client.__aenter__()
+        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+            raise BrokerAdminError("connect", str(exc)) from exc
         try:
             _check_granted(await client.subscribe(dynsec.RESPONSE_TOPIC, qos=1))
         except BaseException:

@@ -1,7 +1,8 @@
 """The controller process: one supervising TaskGroup of named tasks.
 
 Tasks: ``ingest`` (MQTT -> PostgreSQL, ack after commit), ``campaign-runner`` (desired
-states, waves, automatic pause), ``http`` (artifacts with Range, /metrics, /healthz) and
+states, waves, automatic pause), ``http`` (artifacts with Range, /metrics, /healthz),
+``api`` (the operators' REST API, `fleet.api`) and
 ``maintenance`` (heartbeat partitions, dead-letter trimming). If any of them fails the group
 cancels the rest and the process exits loudly; a supervisor (systemd, compose) restarts
 it, and because every decision lives in PostgreSQL and un-acked messages live in the
@@ -11,8 +12,9 @@ broker's session, the new process carries on where the old one stopped.
 import asyncio
 import logging
 
-from fleet import metrics
+from fleet import api, metrics
 from fleet.artifacts import ArtifactStore
+from fleet.broker_admin import BrokerAdmin
 from fleet.clock import Clock, SystemClock
 from fleet.db.repository import Repository, connect
 from fleet.errors import DatabaseUnavailableError
@@ -103,10 +105,11 @@ async def _supervise(
         clock=clock,
     )
     runner = CampaignRunner(repo, session, settings, clock)
+    store = ArtifactStore(settings.artifact_dir)
     http = HttpServer(
         settings.http_host,
         settings.http_port,
-        ArtifactStore(settings.artifact_dir),
+        store,
         health=session.healthy,
         grace_s=settings.shutdown_grace_s,
     )
@@ -115,6 +118,24 @@ async def _supervise(
         tasks.create_task(_send_replies(session, replies, settings, stop), name="replies")
         tasks.create_task(runner.run(stop), name="campaign-runner")
         tasks.create_task(http.serve(stop), name="http")
+        tasks.create_task(
+            api.serve(
+                api.create_app(
+                    api.ApiContext(
+                        repo=repo,
+                        settings=settings,
+                        clock=clock,
+                        store=store,
+                        broker_admin=lambda: BrokerAdmin.from_settings(settings),
+                    )
+                ),
+                settings.api_host,
+                settings.api_port,
+                stop,
+                settings.shutdown_grace_s,
+            ),
+            name="api",
+        )
         tasks.create_task(_maintenance(repo, settings, stop), name="maintenance")
         logger.info("controller serving", extra={"action": "controller_ready"})
         if ready is not None:

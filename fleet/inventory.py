@@ -5,6 +5,7 @@ or write what, the broker's dynamic-security configuration, in that order: a ter
 exists in the database but not yet in the broker cannot connect, which is the safe side.
 """
 
+import asyncio
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 from fleet import audit
 from fleet.artifacts import ArtifactStore
 from fleet.broker_admin import BrokerAdmin
+from fleet.campaigns import OPERATOR
 from fleet.db.repository import Repository
 from fleet.errors import CampaignError
 from fleet.policy import valid_timezone
@@ -23,7 +25,12 @@ _VERSION_RE = re.compile(r"[A-Za-z0-9._+-]{1,64}")
 
 
 async def provision_terminals(
-    repo: Repository, admin: BrokerAdmin, terminals: Sequence[dict[str, Any]], secret: str
+    repo: Repository,
+    admin: BrokerAdmin,
+    terminals: Sequence[dict[str, Any]],
+    secret: str,
+    *,
+    actor: str = OPERATOR,
 ) -> None:
     """Register terminals (dicts with id, model, merchant_id, timezone, versions, attributes).
 
@@ -41,22 +48,22 @@ async def provision_terminals(
         await audit.append(
             q,
             at=now(),
-            actor="operator",
+            actor=actor,
             action="terminals_provisioned",
             detail={"count": len(terminals), "first": terminals[0]["id"] if terminals else None},
         )
     await admin.ensure_terminals([t["id"] for t in terminals], secret)
 
 
-async def create_group(repo: Repository, admin: BrokerAdmin, name: str) -> None:
+async def create_group(
+    repo: Repository, admin: BrokerAdmin, name: str, *, actor: str = OPERATOR
+) -> None:
     """Create a group in the database and its read permission in the broker."""
     if not is_valid_id(name):
         raise CampaignError("bad_group_name", f"invalid group name {name!r}")
     async with repo.transaction() as q:
         await q.create_group(name)
-        await audit.append(
-            q, at=now(), actor="operator", action="group_created", detail={"group": name}
-        )
+        await audit.append(q, at=now(), actor=actor, action="group_created", detail={"group": name})
     await admin.ensure_group(name)
 
 
@@ -67,6 +74,7 @@ async def assign_group(
     terminal_ids: Sequence[str],
     *,
     command_expiry_s: int = 3600,
+    actor: str = OPERATOR,
 ) -> None:
     """Add terminals to a group, let them read its desired state, and tell them so.
 
@@ -79,7 +87,7 @@ async def assign_group(
         await audit.append(
             q,
             at=now(),
-            actor="operator",
+            actor=actor,
             action="group_assigned",
             detail={
                 "group": group,
@@ -105,6 +113,7 @@ async def add_package(
     models: Sequence[str],
     from_versions: Sequence[str] = (),
     requires: dict[str, str] | None = None,
+    actor: str = OPERATOR,
 ) -> int:
     """Store a package file content-addressed and register it; size and sha256 computed.
 
@@ -117,7 +126,9 @@ async def add_package(
         )
     if not is_valid_id(name) or not _VERSION_RE.fullmatch(version):
         raise CampaignError("bad_package", f"invalid package name or version {name}={version}")
-    stored = store.add_file(path)
+    # Off the event loop: a package can be hundreds of megabytes, and the controller
+    # serves terminals from the same loop.
+    stored = await asyncio.to_thread(store.add_file, path)
     bad_versions = [
         v for v in [*from_versions, *(requires or {}).values()] if not _VERSION_RE.fullmatch(v)
     ]
@@ -137,7 +148,7 @@ async def add_package(
         await audit.append(
             q,
             at=now(),
-            actor="operator",
+            actor=actor,
             action="package_added",
             detail={
                 "package": f"{name}={version}",

@@ -61,6 +61,14 @@ class FleetSettings(BaseSettings):
 
     http_host: str = Field("127.0.0.1", description="Bind address of artifacts and metrics.")
     http_port: int = Field(8080, description="Port of artifacts (/artifacts) and /metrics.")
+    api_host: str = Field(
+        "127.0.0.1",
+        description="Bind address of the operators' REST API (keep it off the terminals' network).",
+    )
+    api_port: int = Field(8081, description="Port of the REST API (/api/v1, its OpenAPI spec).")
+    api_max_upload_mb: int = Field(
+        512, ge=1, description="Largest package file the API accepts, in MiB."
+    )
     artifact_dir: Path = Field(
         Path("var/artifacts"), description="Where package files are stored by sha256."
     )

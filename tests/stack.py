@@ -50,6 +50,7 @@ def make_settings(broker: Mosquitto, database_url: str, workdir: Path) -> FleetS
         mqtt_password=CONTROLLER_PASSWORD,
         mqtt_session_expiry_s=600,
         http_port=http_port,
+        api_port=free_port(),
         artifact_base_url=f"http://127.0.0.1:{http_port}",
         artifact_dir=workdir / "artifacts",
         campaign_tick_s=0.1,

@@ -654,3 +654,109 @@ JOIN packages p ON p.id = cp.package_id
 WHERE e.campaign_id = $1 AND e.versions_before ? p.name
 GROUP BY p.name, e.versions_before ->> p.name
 ORDER BY p.name, n DESC;
+
+-- ---------------------------------------------------------------------------------------
+-- The REST API's reads and its tokens.
+
+-- name: api_terminals
+-- One page of terminals in id order after a cursor, filtered; a NULL filter matches all.
+-- `version` filters on one package: $5 is its name, $6 its version.
+SELECT t.id, t.model, t.merchant_id, t.timezone, t.versions, t.online, t.last_seen,
+       t.created_at,
+       coalesce((SELECT array_agg(gm.group_name ORDER BY gm.group_name)
+                 FROM group_members gm WHERE gm.terminal_id = t.id), '{}') AS groups
+FROM terminals t
+WHERE t.id > $1
+  AND ($2::text IS NULL OR EXISTS (SELECT 1 FROM group_members gm
+                                   WHERE gm.terminal_id = t.id AND gm.group_name = $2))
+  AND ($3::text IS NULL OR t.model = $3)
+  AND ($4::boolean IS NULL OR t.online = $4)
+  AND ($5::text IS NULL OR t.versions ->> $5 = $6::text)
+  AND ($7::text IS NULL OR t.merchant_id = $7)
+ORDER BY t.id
+LIMIT $8;
+
+-- name: api_terminal
+SELECT t.id, t.model, t.merchant_id, t.timezone, t.versions, t.attributes, t.online,
+       t.last_seen, t.boot_id, t.last_event_seq, t.seq_gaps, t.created_at,
+       coalesce((SELECT array_agg(gm.group_name ORDER BY gm.group_name)
+                 FROM group_members gm WHERE gm.terminal_id = t.id), '{}') AS groups
+FROM terminals t WHERE t.id = $1;
+
+-- name: api_terminal_executions
+-- A terminal's update history: one row per campaign it took part in, newest first.
+SELECT e.campaign_id, c.name AS campaign_name, e.wave, e.state, e.progress, e.stage,
+       e.error_code, e.detail, e.updated_at, e.finished_at
+FROM executions e JOIN campaigns c ON c.id = e.campaign_id
+WHERE e.terminal_id = $1
+ORDER BY e.updated_at DESC, e.campaign_id DESC
+LIMIT $2;
+
+-- name: api_terminal_events
+-- The newest state events a terminal reported, applied or not.
+SELECT campaign_id, seq, state, progress, stage, error_code, detail, device_ts,
+       received_at, applied
+FROM update_events WHERE terminal_id = $1
+ORDER BY seq DESC, id DESC
+LIMIT $2;
+
+-- name: api_groups
+SELECT g.name, g.created_at,
+       (SELECT count(*) FROM group_members gm WHERE gm.group_name = g.name)::int AS members
+FROM groups g ORDER BY g.name;
+
+-- name: api_group
+SELECT g.name, g.created_at,
+       (SELECT count(*) FROM group_members gm WHERE gm.group_name = g.name)::int AS members
+FROM groups g WHERE g.name = $1;
+
+-- name: api_known_terminals
+SELECT id FROM terminals WHERE id = any($1::text[]);
+
+-- name: api_packages
+SELECT p.id, p.name, p.kind, p.version, p.size, p.sha256, p.compatible_models,
+       p.created_at
+FROM packages p
+WHERE ($1::text IS NULL OR p.name = $1)
+ORDER BY p.name, p.id;
+
+-- name: api_package
+SELECT p.id, p.name, p.kind, p.version, p.size, p.sha256, p.compatible_models,
+       p.created_at
+FROM packages p WHERE p.id = $1;
+
+-- name: api_campaigns
+-- Campaigns newest first, with their executions counted by whether they are final.
+SELECT c.id, c.name, c.control, c.current_wave, c.paused_reason, c.created_at,
+       c.started_at, c.rollback_of,
+       (SELECT count(*) FROM campaign_waves w WHERE w.campaign_id = c.id)::int AS wave_count,
+       coalesce(x.total, 0)::int AS executions, coalesce(x.final, 0)::int AS final
+FROM campaigns c
+LEFT JOIN (SELECT e.campaign_id, count(*) AS total, count(*) FILTER (WHERE s.final) AS final
+           FROM executions e JOIN execution_states s ON s.state = e.state
+           GROUP BY e.campaign_id) x ON x.campaign_id = c.id
+WHERE c.id < $1 AND ($2::text IS NULL OR c.control = $2)
+ORDER BY c.id DESC
+LIMIT $3;
+
+-- name: api_audit
+-- Audit entries after a cursor, optionally of one campaign.
+SELECT id, at, actor, action, campaign_id, detail, hash
+FROM audit_log
+WHERE id > $1 AND ($2::bigint IS NULL OR campaign_id = $2)
+ORDER BY id LIMIT $3;
+
+-- name: token_add
+INSERT INTO api_tokens (name, role, token_hash, created_by, created_at)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING id, name, role, created_at, created_by, revoked_at;
+
+-- name: token_by_hash
+SELECT id, name, role FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL;
+
+-- name: tokens
+SELECT id, name, role, created_at, created_by, revoked_at FROM api_tokens ORDER BY id;
+
+-- name: token_revoke
+UPDATE api_tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL
+RETURNING id, name, role;

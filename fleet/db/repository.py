@@ -664,6 +664,112 @@ class Queries:
         """Return (wave, timezone, n) of executions not yet final."""
         return await self._conn.fetch(QUERIES["plan_terminals"], campaign_id)
 
+    # -- the REST API ------------------------------------------------------------------
+
+    async def api_terminals(
+        self,
+        *,
+        after: str,
+        group: str | None,
+        model: str | None,
+        online: bool | None,
+        package: tuple[str, str] | None,
+        merchant: str | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """Return one page of terminals after `after` (an id), filtered."""
+        name, version = package if package is not None else (None, None)
+        return _dicts(
+            await self._conn.fetch(
+                QUERIES["api_terminals"],
+                after,
+                group,
+                model,
+                online,
+                name,
+                version,
+                merchant,
+                limit,
+            )
+        )
+
+    async def api_terminal(self, terminal_id: str) -> dict[str, Any] | None:
+        """Return one terminal with its groups."""
+        return _dict(await self._conn.fetchrow(QUERIES["api_terminal"], terminal_id))
+
+    async def api_terminal_executions(self, terminal_id: str, limit: int) -> list[dict[str, Any]]:
+        """Return a terminal's executions, newest first."""
+        return _dicts(
+            await self._conn.fetch(QUERIES["api_terminal_executions"], terminal_id, limit)
+        )
+
+    async def api_terminal_events(self, terminal_id: str, limit: int) -> list[dict[str, Any]]:
+        """Return a terminal's newest state events."""
+        return _dicts(await self._conn.fetch(QUERIES["api_terminal_events"], terminal_id, limit))
+
+    async def api_groups(self) -> list[dict[str, Any]]:
+        """Return every group with its member count."""
+        return _dicts(await self._conn.fetch(QUERIES["api_groups"]))
+
+    async def api_group(self, name: str) -> dict[str, Any] | None:
+        """Return one group with its member count."""
+        return _dict(await self._conn.fetchrow(QUERIES["api_group"], name))
+
+    async def api_known_terminals(self, terminal_ids: Sequence[str]) -> set[str]:
+        """Return which of `terminal_ids` exist."""
+        rows = await self._conn.fetch(QUERIES["api_known_terminals"], list(terminal_ids))
+        return {r["id"] for r in rows}
+
+    async def api_packages(self, name: str | None) -> list[dict[str, Any]]:
+        """Return packages, optionally of one name."""
+        return _dicts(await self._conn.fetch(QUERIES["api_packages"], name))
+
+    async def api_package(self, package_id: int) -> dict[str, Any] | None:
+        """Return one package."""
+        return _dict(await self._conn.fetchrow(QUERIES["api_package"], package_id))
+
+    async def api_campaigns(
+        self, *, before: int, control: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Return one page of campaigns with ids below `before`, newest first."""
+        return _dicts(await self._conn.fetch(QUERIES["api_campaigns"], before, control, limit))
+
+    async def api_audit(
+        self, *, after: int, campaign_id: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Return audit entries after `after`, optionally of one campaign."""
+        return _dicts(await self._conn.fetch(QUERIES["api_audit"], after, campaign_id, limit))
+
+    async def token_add(
+        self, *, name: str, role: str, token_hash: str, created_by: str, at: datetime
+    ) -> dict[str, Any]:
+        """Store a new token's hash; return its row."""
+        row = await self._conn.fetchrow(
+            QUERIES["token_add"], name, role, token_hash, created_by, at
+        )
+        assert row is not None
+        return dict(row)
+
+    async def token_by_hash(self, token_hash: str) -> asyncpg.Record | None:
+        """Return the live token with this hash."""
+        return await self._conn.fetchrow(QUERIES["token_by_hash"], token_hash)
+
+    async def tokens(self) -> list[dict[str, Any]]:
+        """Return every token, revoked ones too, without hashes."""
+        return [dict(r) for r in await self._conn.fetch(QUERIES["tokens"])]
+
+    async def token_revoke(self, token_id: int, at: datetime) -> asyncpg.Record | None:
+        """Revoke a live token; return it, or None if there is no such live token."""
+        return await self._conn.fetchrow(QUERIES["token_revoke"], token_id, at)
+
+
+def _dicts(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
+    return [dict(r) for r in rows]
+
+
+def _dict(row: asyncpg.Record | None) -> dict[str, Any] | None:
+    return None if row is None else dict(row)
+
 
 class Repository:
     """A pool of connections handing out `Queries`, with errors translated."""
