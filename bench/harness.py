@@ -464,6 +464,7 @@ def controller_settings(servers: Stack, **overrides: Any) -> FleetSettings:  # n
         "mqtt_port": servers.broker.port,
         "mqtt_password": servers.password,
         "http_port": http_port,
+        "api_port": free_port(),
         "artifact_base_url": f"http://127.0.0.1:{http_port}",
         "artifact_dir": servers.root / "artifacts",
         "terminal_secret": TERMINAL_SECRET,

@@ -7,18 +7,19 @@ its 100,000 executions are enrolled by the product. With the controller serving 
 * ``python -m fleet campaign status ID --json``, a process per request, as an operator's
   script would run it (interpreter start-up included);
 * `fleet.campaigns.campaign_status`, the call behind that command, in one process;
-* the HTTP API, if the controller serves a campaign status route (see `API_PATHS`).
+* the REST API (``GET /api/v1/campaigns/{id}``) with a viewer token, on one connection.
 """
 
 import json
 import time
+
+import httpx
 
 from bench.harness import (
     Context,
     Figure,
     Result,
     controller_settings,
-    http_get,
     percentile,
     prepare_campaign,
     register_terminals,
@@ -28,15 +29,14 @@ from bench.harness import (
     start_controller,
     terminal_ids,
 )
-from fleet import campaigns
+from fleet import campaigns, tokens
 from fleet.db import connect
+from fleet.tokens import Role
 
 NAME = "status"
 BUDGET_S = 150.0
 COMMAND = "make bench BENCH=status"
 P95_TARGET_MS = 50.0
-#: Routes a campaign status API may have; none exists yet (issue 5 adds the REST API).
-API_PATHS = ("/api/v1/campaigns/{id}", "/api/campaigns/{id}", "/campaigns/{id}")
 
 
 def _figures(result: Result, label: str, samples_ms: list[float]) -> None:
@@ -70,6 +70,9 @@ async def run(ctx: Context, result: Result) -> None:
         try:
             repo = await connect(settings.database_url, pool_size=2)
             try:
+                _, token = await tokens.issue(
+                    repo, name="bench", role=Role.VIEWER, actor="bench", at=time.time()
+                )
                 status = await campaigns.campaign_status(repo, campaign_id)
                 result.details["executions"] = sum(status.totals.values())
                 samples: list[float] = []
@@ -81,26 +84,16 @@ async def run(ctx: Context, result: Result) -> None:
                 await repo.close()
             _figures(result, "fleet.campaigns.campaign_status (library)", samples)
 
-            api = None
-            for path in API_PATHS:
-                code, _ = await http_get(
-                    settings.http_host, settings.http_port, path.format(id=campaign_id)
-                )
-                if code == 200:
-                    api = path.format(id=campaign_id)
-                    break
-            if api is None:
-                result.note(
-                    "the controller serves no campaign status over HTTP yet (tried "
-                    f"{', '.join(API_PATHS)}); issue 5 adds the REST API"
-                )
-            else:
+            url = f"http://{settings.api_host}:{settings.api_port}/api/v1/campaigns/{campaign_id}"
+            headers = {"Authorization": f"Bearer {token}"}
+            async with httpx.AsyncClient(headers=headers, timeout=30) as http:
+                (await http.get(url)).raise_for_status()
                 samples = []
                 for _ in range(api_n):
                     started = time.perf_counter()
-                    await http_get(settings.http_host, settings.http_port, api)
+                    (await http.get(url)).raise_for_status()
                     samples.append((time.perf_counter() - started) * 1000)
-                _figures(result, f"HTTP GET {api}", samples)
+            _figures(result, "REST API GET /api/v1/campaigns/{id} (one connection)", samples)
 
             samples = []
             for _ in range(cli_n):
