@@ -7,9 +7,14 @@ SELECT fleet_ensure_heartbeat_partitions($1);
 -- name: upsert_terminals
 INSERT INTO terminals (id, model, merchant_id, timezone, versions, attributes)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[])
+-- Provisioning again updates what the operator owns; what the terminal reported itself
+-- (versions, and a model it announced) is kept unless the operator states it.
 ON CONFLICT (id) DO UPDATE
-SET model = excluded.model, merchant_id = excluded.merchant_id, timezone = excluded.timezone,
-    versions = excluded.versions, attributes = excluded.attributes;
+SET model = CASE WHEN excluded.model = 'unknown' THEN terminals.model ELSE excluded.model END,
+    merchant_id = excluded.merchant_id, timezone = excluded.timezone,
+    versions = CASE WHEN excluded.versions = '{}' THEN terminals.versions
+                    ELSE excluded.versions END,
+    attributes = excluded.attributes;
 
 -- name: create_group
 INSERT INTO groups (name) VALUES ($1) ON CONFLICT (name) DO NOTHING;
@@ -760,3 +765,9 @@ SELECT id, name, role, created_at, created_by, revoked_at FROM api_tokens ORDER 
 -- name: token_revoke
 UPDATE api_tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL
 RETURNING id, name, role;
+
+-- name: api_dead_letters
+-- Refused terminal messages, oldest first after a cursor; the payload as stored (≤ 1 KiB).
+SELECT id, received_at, topic, reason, detail, payload
+FROM dead_letters WHERE id > $1 AND ($2::text IS NULL OR reason = $2)
+ORDER BY id LIMIT $3;
