@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet import audit, campaigns, inventory, tokens
 from fleet.api_models import (
@@ -36,18 +37,25 @@ from fleet.api_models import (
     CampaignPage,
     CampaignProgress,
     CampaignSummary,
+    DeadLetter,
+    DeadLetterPage,
     ErrorBody,
     EventRecord,
+    Excluded,
     ExecutionRecord,
     GroupCreate,
     GroupOut,
     MembersAdd,
+    ModelExclusion,
     Name,
     PackageOut,
+    Provisioned,
+    RollbackCreate,
     StartResult,
     StopRequest,
     TerminalDetail,
     TerminalPage,
+    TerminalsProvision,
     TerminalSummary,
     TokenCreate,
     TokenIssued,
@@ -78,7 +86,8 @@ logger = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
 _MAX_PAGE = 1000
 _HISTORY = 50
-_UPLOAD_CHUNK = 1024 * 1024
+#: Largest JSON request body: 10,000 terminals to provision fit with room to spare.
+_MAX_JSON_BODY = 16 * 1024 * 1024
 
 #: HTTP status of each stable error code the layers below raise; anything else that is a
 #: `CampaignError` is a request the current state refuses (409), or a bad value (422).
@@ -141,9 +150,47 @@ def create_app(context: ApiContext) -> FastAPI:
         redoc_url=None,
     )
     app.state.context = context
+    app.add_middleware(_BodyLimit, limit=_MAX_JSON_BODY, exempt=f"{API_PREFIX}/packages")
     app.include_router(_router(), prefix=API_PREFIX, responses=_ERROR_RESPONSES)
     _install_error_handlers(app)
     return app
+
+
+class _BodyLimit:
+    """Refuse request bodies over `limit` bytes, except on the streamed package upload.
+
+    FastAPI reads a JSON body before it checks the token, so without this an anonymous
+    client could make the controller buffer a body of any size.
+    """
+
+    def __init__(self, app: ASGIApp, *, limit: int, exempt: str) -> None:
+        self._app = app
+        self._limit = limit
+        self._exempt = exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == self._exempt:
+            await self._app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self._limit:
+            await _error(413, "payload_too_large", self._message)(scope, receive, send)
+            return
+        received = 0
+
+        async def bounded() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self._limit:
+                raise ApiError("payload_too_large", self._message)
+            return message
+
+        await self._app(scope, bounded, send)
+
+    @property
+    def _message(self) -> str:
+        return f"a request body may be at most {self._limit} bytes here"
 
 
 # -- authentication --------------------------------------------------------------------
@@ -228,6 +275,22 @@ def _router() -> APIRouter:
         items = [_terminal(row) for row in rows[:limit]]
         more = len(rows) > limit
         return TerminalPage(items=items, next_cursor=items[-1].id if more else None)
+
+    @api.post("/terminals", tags=["terminals"])
+    async def provision(
+        caller: Operator, context: Context, body: TerminalsProvision
+    ) -> Provisioned:
+        """Register terminals or update their inventory (idempotent), and their broker logins.
+
+        Each terminal's broker password is derived from the controller's terminal secret,
+        so manufacturing can program it without this API ever returning it.
+        """
+        rows = [t.model_dump() for t in body.terminals]
+        async with context.admin() as admin:
+            await inventory.provision_terminals(
+                context.repo, admin, rows, context.settings.terminal_secret, actor=caller.name
+            )
+        return Provisioned(provisioned=len(rows))
 
     @api.get("/terminals/{terminal_id}", tags=["terminals"])
     async def get_terminal(_: Viewer, context: Context, terminal_id: Name) -> TerminalDetail:
@@ -466,6 +529,31 @@ def _router() -> APIRouter:
         )
         return await _progress(context, campaign_id)
 
+    @api.post("/campaigns/{campaign_id}/exclude-model", tags=["campaigns"])
+    async def exclude_model(
+        caller: Operator, context: Context, campaign_id: DbId, body: ModelExclusion
+    ) -> Excluded:
+        """Take a terminal model out: its unstarted executions leave, later joiners too."""
+        removed = await campaigns.exclude_model(
+            context.repo, context.clock, campaign_id, body.model, actor=caller.name
+        )
+        return Excluded(progress=await _progress(context, campaign_id), executions_removed=removed)
+
+    @api.post("/campaigns/{campaign_id}/rollback", status_code=201, tags=["campaigns"])
+    async def rollback(
+        caller: Operator, context: Context, campaign_id: DbId, body: RollbackCreate
+    ) -> CampaignProgress:
+        """Create a draft that takes this campaign's terminals back to their old versions."""
+        rollback_id = await campaigns.create_rollback(
+            context.repo,
+            context.clock,
+            campaign_id,
+            name=body.name,
+            versions=body.versions,
+            actor=caller.name,
+        )
+        return await _progress(context, rollback_id)
+
     @api.get("/campaigns/{campaign_id}/audit", tags=["audit"])
     async def campaign_audit(
         _: Viewer,
@@ -501,6 +589,31 @@ def _router() -> APIRouter:
             broken_at=verdict.broken_at,
             problem=verdict.problem,
         )
+
+    @api.get("/dead-letters", tags=["audit"])
+    async def dead_letters(
+        _: Viewer,
+        context: Context,
+        reason: Annotated[str | None, Query(max_length=64)] = None,
+        after: Annotated[int, Query(ge=0, le=2**62, description="Cursor")] = 0,
+        limit: Annotated[int, Query(ge=1, le=_MAX_PAGE)] = 100,
+    ) -> DeadLetterPage:
+        """Terminal messages ingest refused (the newest FLEET_DEAD_LETTER_MAX_ROWS are kept)."""
+        async with context.repo.connection() as q:
+            rows = await q.api_dead_letters(after=after, reason=reason, limit=limit + 1)
+        items = [
+            DeadLetter(
+                id=r["id"],
+                received_at=r["received_at"],
+                topic=r["topic"],
+                reason=r["reason"],
+                detail=r["detail"],
+                payload=bytes(r["payload"]).decode(errors="replace"),
+            )
+            for r in rows[:limit]
+        ]
+        more = len(rows) > limit
+        return DeadLetterPage(items=items, next_cursor=items[-1].id if more else None)
 
     # -- tokens ------------------------------------------------------------------------
 

@@ -99,6 +99,50 @@ class TerminalDetail(TerminalSummary):
     events: list[EventRecord]
 
 
+class NewTerminal(_Body):
+    """A terminal to register; its broker password derives from the terminal secret."""
+
+    id: Name
+    model: Annotated[str, Field(min_length=1, max_length=64)] = "unknown"
+    merchant_id: Annotated[str, Field(max_length=128)] = ""
+    timezone: Annotated[str, Field(min_length=1, max_length=64, examples=["Europe/Berlin"])] = "UTC"
+    attributes: Annotated[
+        dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=256)]],
+        Field(max_length=32),
+    ] = Field(default_factory=dict)
+
+
+class TerminalsProvision(_Body):
+    """Terminals to register or update (idempotent), at most 10,000 a request."""
+
+    terminals: Annotated[list[NewTerminal], Field(min_length=1, max_length=10_000)]
+
+
+class Provisioned(_Body):
+    """How many terminals are now registered with the database and the broker."""
+
+    provisioned: int
+
+
+class DeadLetter(_Body):
+    """A terminal message ingest refused, kept (bounded) for diagnosis."""
+
+    id: int
+    received_at: datetime
+    topic: str
+    reason: str
+    detail: str
+    #: The first 1 KiB of what arrived, decoded as UTF-8 with replacement characters.
+    payload: str
+
+
+class DeadLetterPage(_Body):
+    """Dead letters oldest first; pass `next_cursor` as `after` for the next ones."""
+
+    items: list[DeadLetter]
+    next_cursor: int | None
+
+
 # -- groups ----------------------------------------------------------------------------
 
 
@@ -209,6 +253,27 @@ class StopRequest(_Body):
     """Why an operator pauses or cancels; kept in the audit log."""
 
     reason: Annotated[str, Field(max_length=500)] | None = None
+
+
+class ModelExclusion(_Body):
+    """A terminal model to take out of a campaign."""
+
+    model: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class Excluded(_Body):
+    """What taking a model out did."""
+
+    progress: "CampaignProgress"
+    executions_removed: int
+
+
+class RollbackCreate(_Body):
+    """A draft campaign taking a campaign's terminals back to what they ran before."""
+
+    name: Name
+    #: Package name -> version, where terminals ran several versions before.
+    versions: dict[Name, Version] = Field(default_factory=dict)
 
 
 class StartResult(_Body):

@@ -18,10 +18,12 @@ import httpx
 import pytest
 
 from device_sim.fleet import Simulator
-from fleet import tokens
+from fleet import protocol, tokens
 from fleet.db import Repository
 from fleet.embedded import Mosquitto
 from fleet.tokens import Role
+from tests.conftest import TERMINAL_SECRET
+from tests.mqtt_probe import Probe
 from tests.stack import Stack, eventually, make_settings, running, sim_config, terminal_ids
 
 TERMINALS = 6
@@ -403,3 +405,87 @@ async def test_the_api_survives_fuzzing_from_its_own_openapi_spec(api: Api, tmp_
     assert cases, text[-3000:]
     assert int(tested[1]) == int(selected[1]) == int(selected[2]) - 1  # all but DELETE /tokens
     assert int(cases[1]) == int(cases[2]) > 100
+
+
+async def test_terminals_provisioned_through_the_api_can_connect_and_are_diagnosable(
+    api: Api, repo: Repository, broker: Mosquitto
+) -> None:
+    new = [
+        {"id": "N1", "model": "A920", "timezone": "Europe/Berlin", "attributes": {"region": "eu"}},
+        {"id": "N2", "model": "A920", "timezone": "Europe/Berlin"},
+    ]
+    async with api.client(api.operator) as http:
+        provisioned = await http.post("/terminals", json={"terminals": new})
+        assert provisioned.json() == {"provisioned": 2}
+        bad_zone = await http.post(
+            "/terminals", json={"terminals": [{"id": "N3", "timezone": "Mars/Olympus"}]}
+        )
+        assert (bad_zone.status_code, bad_zone.json()["error"]["code"]) == (422, "bad_timezone")
+
+        # The new identity works at the broker; what it sends that is not valid is kept.
+        probe = Probe(
+            broker.host,
+            broker.port,
+            "N1",
+            protocol.derive_terminal_password(TERMINAL_SECRET, "N1"),
+        )
+        assert str(await asyncio.to_thread(probe.connect)) == "Success"
+        try:
+            topic = protocol.terminal_topic("N1", protocol.MessageKind.EVENTS)
+            await asyncio.to_thread(probe.publish, topic, b"{not json")
+        finally:
+            await asyncio.to_thread(probe.close)
+
+        async def dead_letter() -> list[dict[str, Any]]:
+            items: list[dict[str, Any]] = (await http.get("/dead-letters")).json()["items"]
+            return items
+
+        await eventually(
+            lambda: _nonempty(dead_letter()), what="the refused message in the dead letters"
+        )
+        (letter,) = await dead_letter()
+        assert (letter["topic"], letter["payload"]) == (topic, "{not json")
+
+        # Provisioning again keeps what the terminal reported itself.
+        async with repo.connection() as q:
+            await q._conn.execute("""UPDATE terminals SET versions = '{"os": "1.0.0"}'""")
+        await http.post("/terminals", json={"terminals": new})
+        detail = (await http.get("/terminals/N1")).json()
+        assert (detail["versions"], detail["attributes"]) == ({"os": "1.0.0"}, {"region": "eu"})
+
+        # A model taken out of a campaign before it starts: nobody of that model enrolls.
+        await http.post("/groups", json={"name": "eu"})
+        await http.post("/groups/eu/members", json={"terminals": ["N1", "N2"]})
+        await http.post(
+            "/packages",
+            params={"name": "os", "version": "2.0.0", "kind": "firmware", "models": ["A920"]},
+            content=b"image",
+        )
+        draft = await http.post(
+            "/campaigns",
+            json={
+                "name": "eu1",
+                "groups": ["eu"],
+                "packages": [{"name": "os", "version": "2.0.0"}],
+            },
+        )
+        campaign_id = draft.json()["id"]
+        excluded = await http.post(
+            f"/campaigns/{campaign_id}/exclude-model", json={"model": "A920"}
+        )
+        assert excluded.json()["executions_removed"] == 0
+        started = (await http.post(f"/campaigns/{campaign_id}/start")).json()
+        assert (started["enrolled"], sum(started["excluded"].values())) == (0, 2)
+        rollback = await http.post(f"/campaigns/{campaign_id}/rollback", json={"name": "back"})
+        assert (rollback.status_code, rollback.json()["error"]["code"]) == (
+            409,
+            "nothing_to_roll_back",
+        )
+    # A body too large for any JSON route is refused before anything reads it.
+    async with api.client(None) as http:
+        huge = await http.post("/groups", content=b"x" * (17 * 1024 * 1024))
+        assert (huge.status_code, huge.json()["error"]["code"]) == (413, "payload_too_large")
+
+
+async def _nonempty(items: Any) -> bool:
+    return bool(await items)

@@ -740,6 +740,12 @@ class Queries:
         """Return audit entries after `after`, optionally of one campaign."""
         return _dicts(await self._conn.fetch(QUERIES["api_audit"], after, campaign_id, limit))
 
+    async def api_dead_letters(
+        self, *, after: int, reason: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Return dead letters after `after`, optionally of one reason."""
+        return _dicts(await self._conn.fetch(QUERIES["api_dead_letters"], after, reason, limit))
+
     async def token_add(
         self, *, name: str, role: str, token_hash: str, created_by: str, at: datetime
     ) -> dict[str, Any]:
