@@ -3,7 +3,7 @@
 It starts a private PostgreSQL and Mosquitto (from ``broker_config/``) on free ports, the
 controller in this process, and the simulated terminals in a separate process (as real
 terminals would be); it then provisions the fleet, registers a firmware package, runs a
-three-wave campaign with live progress, and compares the database's final states with
+three-wave campaign (started through the REST API) with live progress, and compares the database's final states with
 the simulator's own report.
 """
 
@@ -21,7 +21,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from fleet import campaigns, controller, inventory
+import httpx
+
+from fleet import campaigns, controller, inventory, tokens
 from fleet.artifacts import ArtifactStore
 from fleet.broker_admin import BrokerAdmin
 from fleet.clock import SystemClock
@@ -33,6 +35,7 @@ from fleet.progress import render_status
 from fleet.protocol import PackageKind
 from fleet.settings import FleetSettings
 from fleet.states import FINAL
+from fleet.tokens import Role
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ async def run_demo(settings: FleetSettings, *, terminals: int, workdir: Path | N
                 "mqtt_port": mosquitto.port,
                 "mqtt_password": password,
                 "http_port": http_port,
+                "api_port": free_port(),
                 "artifact_base_url": f"http://127.0.0.1:{http_port}",
                 "artifact_dir": root / "artifacts",
                 "campaign_tick_s": 0.5,
@@ -105,11 +109,24 @@ async def _run(settings: FleetSettings, count: int, root: Path) -> int:
             await ready.wait()
         simulator = await _start_simulator(settings, count, root)
         print(f"demo: {count} simulated terminals starting (pid {simulator.pid})", flush=True)
-        await campaigns.start_campaign(repo, SystemClock(), campaign_id)
-        status = await _watch(repo, campaign_id, simulator)
-        report = await _stop_simulator(simulator)
-        simulator = None
-        return await _summarise(repo, campaign_id, count, status.status, report)
+        _, token = await tokens.issue(
+            repo, name="demo-operator", role=Role.OPERATOR, actor="demo", at=time.time()
+        )
+        api_url = f"http://{settings.api_host}:{settings.api_port}/api/v1"
+        async with httpx.AsyncClient(
+            base_url=api_url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ) as api:
+            print(f"demo: starting the campaign with POST {api_url}/campaigns/{campaign_id}/start")
+            (await api.post(f"/campaigns/{campaign_id}/start")).raise_for_status()
+            status = await _watch(repo, campaign_id, simulator)
+            report = await _stop_simulator(simulator)
+            simulator = None
+            progress = (await api.get(f"/campaigns/{campaign_id}")).json()
+        code = await _summarise(repo, campaign_id, count, status.status, report)
+        final = await campaigns.campaign_status(repo, campaign_id)
+        api_agrees = progress["totals"] == final.totals
+        print(f"  REST API progress agrees with the database: {api_agrees}")
+        return code if api_agrees else 1
     finally:
         if simulator is not None and simulator.returncode is None:
             simulator.kill()
