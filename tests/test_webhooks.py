@@ -200,6 +200,21 @@ def test_signature_is_hmac_sha256_of_timestamp_dot_body() -> None:
     assert webhooks.verify("k" * 16, rotated, body, now=1_700_000_000)
 
 
+def test_operations_documents_every_event_and_its_verify_snippet_works() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    section = text[text.index("## Webhooks") : text.index("## Metrics")]
+    for event in webhooks.EVENTS:
+        assert f"| `{event}` |" in section, event
+    snippet = section[section.index("```python") + len("```python") : section.index("```\n\n(")]
+    namespace: dict[str, Any] = {}
+    exec(snippet, namespace)  # our own documentation
+    body = b'{"id":1}'
+    header = webhooks.sign("s" * 20, int(time.time()), body)
+    assert namespace["verify"]("s" * 20, header, body)
+    assert not namespace["verify"]("t" * 20, header, body)
+    assert not namespace["verify"]("s" * 20, webhooks.sign("s" * 20, 1, body), body)
+
+
 def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
     for failures, step in [(1, 1.0), (2, 2.0), (3, 4.0), (10, 60.0), (500, 60.0)]:
         wait = webhooks.backoff_s(failures, 1.0, 60.0)
