@@ -20,6 +20,7 @@ import pytest
 
 from device_sim.fleet import Simulator
 from fleet import audit, campaigns, webhooks
+from fleet.__main__ import main
 from fleet.clock import SystemClock
 from fleet.db import Repository, connect
 from fleet.embedded import Mosquitto
@@ -508,3 +509,34 @@ async def test_the_controller_announces_a_rollout_from_start_to_completion(
     )
     status = await campaigns.campaign_status(repo, campaign_id)
     assert status.status == "completed"
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def test_cli_adds_lists_and_removes_endpoints(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FLEET_DATABASE_URL", database_url)
+
+    def run(*argv: str) -> str:
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+
+    added = run("webhook", "add", "https://ops.example/h", "--event", "campaign.paused")
+    assert "webhook 1 -> https://ops.example/h: campaign.paused" in added
+    assert "secret (shown once" in added
+    secret = added.rsplit(" ", 1)[1].strip()
+    assert "ops.example" in run("webhook", "list")
+    [listed] = json.loads(run("webhook", "list", "--json"))
+    assert listed["events"] == ["campaign.paused"]
+    assert secret not in json.dumps(listed)
+    assert run("webhook", "deliveries", "1") == ""
+    assert "webhook 1 removed" in run("webhook", "remove", "1")
+    assert json.loads(run("webhook", "list", "--json")) == []
+    assert main(["webhook", "remove", "1"]) == 1
+    assert "no webhook endpoint '1'" in capsys.readouterr().err
+    assert main(["webhook", "add", "ftp://x", "--event", "campaign.paused"]) == 1
+    assert "http:// or https://" in capsys.readouterr().err
