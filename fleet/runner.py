@@ -404,7 +404,7 @@ class CampaignRunner:
 
         Called for settled campaigns this process finished, and (after a restart) for those
         it never saw unsettled: the guarded update makes it once per campaign, whichever
-        runner gets there. Campaigns done before migration 0003 count as recorded.
+        runner gets there. Campaigns done before the webhooks migration count as recorded.
         """
         if campaign.control != "running" or campaign.id in self._completed:
             return

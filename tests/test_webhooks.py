@@ -26,6 +26,7 @@ from fleet.db import Repository, connect
 from fleet.embedded import Mosquitto
 from fleet.errors import NotFoundError, WebhookError
 from fleet.policy import CampaignPolicy, Wave
+from fleet.runner import CampaignRunner
 from fleet.settings import FleetSettings
 from fleet.webhooks import WebhookSender
 from tests.stack import Stack, eventually, make_settings, running, sim_config, terminal_ids
@@ -152,10 +153,13 @@ async def sending(repo: Repository, **overrides: Any) -> AsyncIterator[None]:
 # -- campaign events without a controller ------------------------------------------------
 
 
-async def _campaign(repo: Repository, name: str = "c") -> int:
-    """A started campaign over one terminal: operator requests make its events."""
+async def _campaign(repo: Repository, name: str = "c", model: str = "P400") -> int:
+    """A started campaign over one terminal: operator requests make its events.
+
+    A terminal of another model than the package's is excluded: nothing is left to do.
+    """
     async with repo.transaction() as q:
-        await q.upsert_terminals([{"id": "T000001", "model": "P400"}])
+        await q.upsert_terminals([{"id": "T000001", "model": model}])
         await q.create_group("g")
         await q.assign_group("g", ["T000001"])
         if await q.package_by_name("os", "2.0.0") is None:
@@ -467,6 +471,45 @@ async def test_two_controllers_deliver_each_event_once_in_order(
     finally:
         await other_repo.close()
         await second.stop()
+
+
+async def test_completion_is_recorded_once_by_several_runners_and_not_while_paused(
+    repo: Repository, tmp_path: Path
+) -> None:
+    campaign_id = await _campaign(repo, model="X9")
+    await campaigns.pause_campaign(repo, CLOCK, campaign_id)
+    settings = FleetSettings(artifact_dir=tmp_path)
+    runners = [CampaignRunner(repo, _NoPublisher(), settings, CLOCK) for _ in range(2)]
+    await asyncio.gather(*(r.tick() for r in runners))
+
+    async def completions() -> int:
+        async with repo.connection() as q:
+            return [r["action"] for r in await q.campaign_audit(campaign_id)].count(
+                "campaign_completed"
+            )
+
+    assert await completions() == 0
+    await campaigns.resume_campaign(repo, CLOCK, campaign_id)
+    for _ in range(3):
+        await asyncio.gather(*(r.tick() for r in runners))
+    assert await completions() == 1
+    assert (await campaigns.campaign_status(repo, campaign_id)).status == "completed"
+    # A fresh runner (a restarted controller) does not record it again.
+    await CampaignRunner(repo, _NoPublisher(), settings, CLOCK).tick()
+    assert await completions() == 1
+
+
+class _NoPublisher:
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry_s: int | None = None,
+    ) -> None:
+        pass
 
 
 # -- the real controller -----------------------------------------------------------------

@@ -1,4 +1,4 @@
--- 0003: webhooks for campaign events, delivered from the audit log (fleet/webhooks.py),
+-- Webhooks for campaign events, delivered from the audit log (fleet/webhooks.py),
 -- and the runner's record of a campaign's completion.
 
 -- When the runner recorded that a running campaign had nothing left to do (the audit
