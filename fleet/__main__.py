@@ -7,6 +7,7 @@ is the only module that reads the environment.
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -17,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fleet import audit, campaigns, controller, inventory, tokens
+from fleet import audit, campaigns, controller, inventory, tokens, webhooks
 from fleet.artifacts import ArtifactStore
 from fleet.broker_admin import BrokerAdmin
 from fleet.clock import SystemClock
@@ -147,6 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--role", required=True, choices=[r.label for r in Role])
     token.add_parser("list", help="every token, revoked ones too")
     token.add_parser("revoke", help="refuse a token from now on").add_argument("id", type=int)
+
+    webhook = sub.add_parser("webhook", help="campaign events to HTTP endpoints").add_subparsers(
+        dest="action", required=True
+    )
+    hook_add = webhook.add_parser("add", help="register an endpoint; prints its secret once")
+    hook_add.add_argument("url")
+    hook_add.add_argument(
+        "--event", action="append", required=True, choices=webhooks.EVENTS, help="repeatable"
+    )
+    hook_add.add_argument("--secret", help="the HMAC key (default: a generated one)")
+    hook_add.add_argument(
+        "--start-after", type=int, help="replay from after this audit id (default: now)"
+    )
+    webhook.add_parser("list", help="endpoints and their delivery lag").add_argument(
+        "--json", action="store_true"
+    )
+    webhook.add_parser("remove", help="stop sending to an endpoint").add_argument("id", type=int)
+    deliveries = webhook.add_parser("deliveries", help="an endpoint's latest attempts")
+    deliveries.add_argument("id", type=int)
+    deliveries.add_argument("--limit", type=int, default=20)
     return parser
 
 
@@ -305,6 +326,8 @@ async def _run(args: argparse.Namespace, settings: FleetSettings) -> int:  # noq
             return await _with_repo(settings, _verify_audit)
         case "token":
             return await _with_repo(settings, lambda repo: _token(repo, args))
+        case "webhook":
+            return await _with_repo(settings, lambda repo: _webhook(repo, args))
     return 2
 
 
@@ -424,6 +447,41 @@ async def _token(repo: Repository, args: argparse.Namespace) -> int:
         case "revoke":
             await tokens.revoke(repo, args.id, actor="cli", at=now)
             print(f"token {args.id} revoked")
+    return 0
+
+
+async def _webhook(repo: Repository, args: argparse.Namespace) -> int:
+    now = SystemClock().now()
+    match args.action:
+        case "add":
+            endpoint, secret = await webhooks.add_endpoint(
+                repo,
+                url=args.url,
+                events=args.event,
+                secret=args.secret,
+                actor=campaigns.OPERATOR,
+                at=now,
+                start_after=args.start_after,
+            )
+            print(f"webhook {endpoint.id} -> {endpoint.url}: {', '.join(endpoint.events)}")
+            if args.secret is None:
+                print(f"secret (shown once, keep it to verify signatures): {secret}")
+        case "list":
+            endpoints = await webhooks.list_endpoints(repo)
+            if args.json:
+                print(json.dumps([dataclasses.asdict(e) for e in endpoints]))
+            for e in [] if args.json else endpoints:
+                state = "ok" if e.attempts == 0 else f"FAILING since {e.failing_since}"
+                print(f"{e.id:>4} {e.url} [{', '.join(e.events)}] pending={e.pending} {state}")
+                if e.attempts:
+                    print(f"     {e.attempts} attempts, last: {e.last_error}")
+        case "remove":
+            await webhooks.remove_endpoint(repo, args.id, actor=campaigns.OPERATOR, at=now)
+            print(f"webhook {args.id} removed")
+        case "deliveries":
+            for d in await webhooks.recent_deliveries(repo, args.id, args.limit):
+                outcome = "ok" if d.ok else (d.error or f"HTTP {d.status}")
+                print(f"{d.at} #{d.audit_id} {d.event} attempt {d.attempt}: {outcome}")
     return 0
 
 

@@ -2,8 +2,9 @@
 
 Tasks: ``ingest`` (MQTT -> PostgreSQL, ack after commit), ``campaign-runner`` (desired
 states, waves, automatic pause), ``http`` (artifacts with Range, /metrics, /healthz),
-``api`` (the operators' REST API, `fleet.api`) and
-``maintenance`` (heartbeat partitions, dead-letter trimming). If any of them fails the group
+``api`` (the operators' REST API, `fleet.api`),
+``maintenance`` (heartbeat partitions, dead-letter trimming) and ``webhooks`` (campaign
+events to operators' endpoints, from the audit log). If any of them fails the group
 cancels the rest and the process exits loudly; a supervisor (systemd, compose) restarts
 it, and because every decision lives in PostgreSQL and un-acked messages live in the
 broker's session, the new process carries on where the old one stopped.
@@ -23,6 +24,7 @@ from fleet.ingest import Ingest
 from fleet.mqtt import Incoming, MqttSession, PublishError
 from fleet.runner import CampaignRunner, send_groups
 from fleet.settings import FleetSettings
+from fleet.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,7 @@ async def _supervise(
             name="api",
         )
         tasks.create_task(_maintenance(repo, settings, stop), name="maintenance")
+        tasks.create_task(WebhookSender(repo, settings).run(stop), name="webhooks")
         logger.info("controller serving", extra={"action": "controller_ready"})
         if ready is not None:
             ready.set()

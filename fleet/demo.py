@@ -3,8 +3,8 @@
 It starts a private PostgreSQL and Mosquitto (from ``broker_config/``) on free ports, the
 controller in this process, and the simulated terminals in a separate process (as real
 terminals would be); it then provisions the fleet, registers a firmware package, runs a
-three-wave campaign (started through the REST API) with live progress, and compares the database's final states with
-the simulator's own report.
+three-wave campaign (started through the REST API) with live progress, and compares the
+database's final states with the simulator's own report.
 """
 
 import asyncio

@@ -9,8 +9,9 @@ Tree (add new errors here and to the tree; keep it additive)::
     │   ├── DuplicateError             a unique constraint refused a row
     │   ├── QueryRefusedError          the database refused a statement's data
     │   └── SchemaVersionError         the database is not at this build's version
-    └── CampaignError           an operator request that the campaign's state refuses
-        └── NotFoundError       no such campaign, group, package or terminal
+    ├── CampaignError           an operator request that the campaign's state refuses
+    │   └── NotFoundError       no such campaign, group, package, terminal or webhook
+    └── WebhookError            a webhook endpoint request that is not valid
 """
 
 
@@ -115,3 +116,17 @@ class NotFoundError(CampaignError):
 
 class EmbeddedServiceError(FleetError):
     """A private test/demo service (Mosquitto, PostgreSQL) could not be started."""
+
+
+class WebhookError(FleetError):
+    """A webhook endpoint request is not valid (its URL, events or secret).
+
+    Attributes:
+        code: A stable code for the wire and the CLI: ``bad_url``, ``bad_events`` or
+            ``bad_secret``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        """Keep the stable code and the message."""
+        super().__init__(message)
+        self.code = code

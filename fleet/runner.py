@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import defaultdict
 from collections.abc import Coroutine, Iterable
 from datetime import timedelta
 from typing import Any, Literal, Protocol
@@ -107,6 +108,8 @@ class CampaignRunner:
         # Settled campaigns that a last enrollment pass found nothing more for; one that
         # becomes unsettled again (a member awaiting its hello) leaves the set.
         self._finished: set[int] = set()
+        # Campaigns whose completion this process has checked (and recorded, if it was due).
+        self._completed: set[int] = set()
         self.ticked = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -164,6 +167,7 @@ class CampaignRunner:
                 or campaign.id not in self._enrolled
                 or campaign.control not in ("running", "paused")
             ):
+                await self._complete(campaign)
                 return
             # A member whose hello landed after the last pass is neither awaiting its hello
             # nor enrolled, so the campaign looks settled: judge such members once before
@@ -173,6 +177,7 @@ class CampaignRunner:
             joined = await self._enroll_joiners(campaign, policy)
             if not (joined.added or joined.excluded or joined.awaiting_waves):
                 self._finished.add(campaign.id)
+                await self._complete(campaign)
             return
         self._finished.discard(campaign.id)
         awaiting_waves: frozenset[int] = frozenset()
@@ -393,6 +398,29 @@ class CampaignRunner:
                 q, campaign, "wave_advanced", facts | {"opened": campaign.current_wave + 1}, at
             )
         await self._decide(campaign, "wave_advanced", facts)
+
+    async def _complete(self, campaign: LiveCampaign) -> None:
+        """Record, once, that a running campaign has nothing left to do.
+
+        Called for settled campaigns this process finished, and (after a restart) for those
+        it never saw unsettled: the guarded update makes it once per campaign, whichever
+        runner gets there. Campaigns done before the webhooks migration count as recorded.
+        """
+        if campaign.control != "running" or campaign.id in self._completed:
+            return
+        at = self._clock.now()
+        facts: dict[str, Any] | None = None
+        async with self._repo.transaction() as q:
+            if await q.mark_completed(campaign.id, as_datetime(at)):
+                totals: dict[str, int] = defaultdict(int)
+                for row in await q.wave_counts(campaign.id):
+                    if row.state is not None:
+                        totals[row.state] += row.n
+                facts = {"waves": campaign.wave_count, "counts": dict(totals)}
+                await self._audit(q, campaign, "campaign_completed", facts, at)
+        self._completed.add(campaign.id)
+        if facts is not None:
+            await self._decide(campaign, "campaign_completed", facts)
 
     # -- admission ---------------------------------------------------------------------
 

@@ -123,3 +123,28 @@ class FleetSettings(BaseSettings):
         description="Key from which provisioned terminals' broker passwords are derived "
         "(HMAC-SHA256 of the terminal id). Change it in production.",
     )
+
+    webhook_poll_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often the webhook delivery loop looks for new campaign events "
+        "(the longest an event waits before it is sent).",
+    )
+    webhook_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long one webhook POST may take, connect to last byte, before the "
+        "attempt counts as failed.",
+    )
+    webhook_backoff_s: float = Field(
+        1.0,
+        gt=0,
+        description="Wait before the first retry of a failed webhook delivery; it doubles "
+        "with each failure (with jitter) up to FLEET_WEBHOOK_MAX_BACKOFF_S.",
+    )
+    webhook_max_backoff_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest wait between retries of a failing webhook endpoint; it is "
+        "retried at this pace for as long as it fails, and its later events wait.",
+    )

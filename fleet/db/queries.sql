@@ -771,3 +771,114 @@ RETURNING id, name, role;
 SELECT id, received_at, topic, reason, detail, payload
 FROM dead_letters WHERE id > $1 AND ($2::text IS NULL OR reason = $2)
 ORDER BY id LIMIT $3;
+-- name: mark_completed
+-- A running campaign with nothing left to do is recorded completed once, even with several
+-- runners: the caller audits `campaign_completed` only when this returns a row.
+UPDATE campaigns SET completed_at = $2
+WHERE id = $1 AND control = 'running' AND completed_at IS NULL
+RETURNING id;
+
+-- name: add_webhook_endpoint
+-- Delivery starts after audit entry $6, or after the current head when $6 is NULL.
+INSERT INTO webhook_endpoints (url, secret, events, actions, created_at, created_by,
+                               delivered_through)
+VALUES ($1, $2, $3, $4, $5, $7, coalesce($6, (SELECT max(id) FROM audit_log), 0))
+RETURNING id;
+
+-- name: webhook_endpoints
+-- Never the secret. `pending`: subscribed entries not yet delivered.
+SELECT e.id, e.url, e.events, e.created_at, e.created_by, e.delivered_through, e.attempts,
+       e.last_error, e.failing_since, e.next_attempt_at, e.last_delivered_at, e.removed_at,
+       (SELECT count(*) FROM audit_log a
+        WHERE a.id > e.delivered_through AND a.action = ANY(e.actions))::int AS pending
+FROM webhook_endpoints e
+WHERE (e.removed_at IS NULL OR $1) AND ($2::bigint IS NULL OR e.id = $2)
+ORDER BY e.id;
+
+-- name: remove_webhook_endpoint
+-- The secret is blanked: nothing is signed with it again.
+UPDATE webhook_endpoints
+SET removed_at = $2, secret = '', lease = NULL, leased_until = NULL
+WHERE id = $1 AND removed_at IS NULL
+RETURNING url;
+
+-- name: skip_idle_webhooks
+-- Endpoints with nothing to send move their cursor to the audit head, so the outbox
+-- queries never rescan entries they do not subscribe to. Leased and failing ones keep
+-- theirs; a head read here is committed with everything before it (appends are serial).
+UPDATE webhook_endpoints e SET delivered_through = h.head
+FROM (SELECT max(id) AS head FROM audit_log) h
+WHERE e.removed_at IS NULL AND e.attempts = 0 AND e.delivered_through < h.head
+  AND (e.leased_until IS NULL OR e.leased_until < now())
+  AND NOT EXISTS (SELECT 1 FROM audit_log a
+                  WHERE a.id > e.delivered_through AND a.id <= h.head
+                    AND a.action = ANY(e.actions));
+
+-- name: claim_webhook_endpoints
+-- Lease up to $1 endpoints that are due and have an event to send, for $2 seconds, under
+-- token $3. SKIP LOCKED plus the lease: each endpoint has one delivery loop at a time,
+-- whichever controller runs it.
+UPDATE webhook_endpoints e
+SET leased_until = now() + make_interval(secs => $2), lease = $3
+WHERE e.id IN (
+    SELECT d.id FROM webhook_endpoints d
+    WHERE d.removed_at IS NULL
+      AND (d.leased_until IS NULL OR d.leased_until < now())
+      AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= now())
+      AND EXISTS (SELECT 1 FROM audit_log a
+                  WHERE a.id > d.delivered_through AND a.action = ANY(d.actions))
+    ORDER BY d.next_attempt_at NULLS FIRST, d.id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED)
+RETURNING e.id, e.url, e.secret, e.actions, e.delivered_through, e.attempts;
+
+-- name: webhook_events
+-- The next audit entries an endpoint subscribes to, after its cursor, in audit order.
+SELECT a.id, a.at, a.actor, a.action, a.campaign_id, a.detail, c.name AS campaign_name
+FROM audit_log a LEFT JOIN campaigns c ON c.id = a.campaign_id
+WHERE a.id > $1 AND a.action = ANY($2::text[])
+ORDER BY a.id
+LIMIT $3;
+
+-- name: hold_webhook_lease
+-- Before each POST: renew the lease; no row means it was lost or the endpoint removed.
+UPDATE webhook_endpoints SET leased_until = now() + make_interval(secs => $3)
+WHERE id = $1 AND lease = $2 AND removed_at IS NULL
+RETURNING id;
+
+-- name: webhook_delivered
+-- Move the cursor past a delivered entry; no row: the lease was lost, so this loop stops.
+UPDATE webhook_endpoints
+SET delivered_through = $3, attempts = 0, last_error = NULL, failing_since = NULL,
+    next_attempt_at = NULL, last_delivered_at = now()
+WHERE id = $1 AND lease = $2 AND delivered_through < $3
+RETURNING id;
+
+-- name: webhook_failed
+-- Count a failed attempt, schedule the next one $4 seconds from now, release the lease.
+UPDATE webhook_endpoints
+SET attempts = attempts + 1, last_error = $3, failing_since = coalesce(failing_since, now()),
+    next_attempt_at = now() + make_interval(secs => $4), lease = NULL, leased_until = NULL
+WHERE id = $1 AND lease = $2
+RETURNING attempts;
+
+-- name: release_webhook_endpoint
+UPDATE webhook_endpoints SET lease = NULL, leased_until = NULL WHERE id = $1 AND lease = $2;
+
+-- name: log_webhook_attempt
+-- Keep one attempt, then only the newest $8 of the endpoint (the INSERT is not yet
+-- visible to the DELETE, so it keeps $8 - 1 older ones).
+WITH added AS (
+    INSERT INTO webhook_deliveries (endpoint_id, audit_id, event, attempt, at, status, error,
+                                    duration_ms)
+    VALUES ($1, $2, $3, $4, now(), $5, $6, $7)
+    RETURNING id
+)
+DELETE FROM webhook_deliveries
+WHERE endpoint_id = $1
+  AND id <= (SELECT id FROM webhook_deliveries WHERE endpoint_id = $1
+             ORDER BY id DESC OFFSET $8 - 1 LIMIT 1);
+
+-- name: webhook_deliveries
+SELECT id, endpoint_id, audit_id, event, attempt, at, status, error, duration_ms
+FROM webhook_deliveries WHERE endpoint_id = $1 ORDER BY id DESC LIMIT $2;

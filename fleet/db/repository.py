@@ -6,6 +6,7 @@ This is the one place that knows asyncpg. Driver exceptions are translated here 
 
 import json
 import re
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -767,6 +768,121 @@ class Queries:
     async def token_revoke(self, token_id: int, at: datetime) -> asyncpg.Record | None:
         """Revoke a live token; return it, or None if there is no such live token."""
         return await self._conn.fetchrow(QUERIES["token_revoke"], token_id, at)
+
+    async def mark_completed(self, campaign_id: int, at: datetime) -> bool:
+        """Record a running campaign completed; False if it is not running or already was."""
+        return await self._conn.fetchval(QUERIES["mark_completed"], campaign_id, at) is not None
+
+    async def add_webhook_endpoint(
+        self,
+        *,
+        url: str,
+        secret: str,
+        events: Sequence[str],
+        actions: Sequence[str],
+        at: datetime,
+        start_after: int | None,
+        actor: str,
+    ) -> int:
+        """Register a webhook endpoint; it gets audit entries after `start_after` (or now)."""
+        row = await self._conn.fetchrow(
+            QUERIES["add_webhook_endpoint"],
+            url,
+            secret,
+            list(events),
+            list(actions),
+            at,
+            start_after,
+            actor,
+        )
+        assert row is not None  # INSERT ... RETURNING always returns the row
+        endpoint_id: int = row["id"]
+        return endpoint_id
+
+    async def webhook_endpoints(
+        self, *, include_removed: bool = False, endpoint_id: int | None = None
+    ) -> list[asyncpg.Record]:
+        """Return webhook endpoints (never their secrets) with their pending event counts."""
+        return await self._conn.fetch(QUERIES["webhook_endpoints"], include_removed, endpoint_id)
+
+    async def remove_webhook_endpoint(self, endpoint_id: int, at: datetime) -> str | None:
+        """Remove a live webhook endpoint; return its URL, or None if there was none."""
+        url: str | None = await self._conn.fetchval(
+            QUERIES["remove_webhook_endpoint"], endpoint_id, at
+        )
+        return url
+
+    async def skip_idle_webhooks(self) -> None:
+        """Move idle endpoints' cursors to the audit head."""
+        await self._conn.execute(QUERIES["skip_idle_webhooks"])
+
+    async def claim_webhook_endpoints(
+        self, limit: int, lease_s: float, lease: uuid.UUID
+    ) -> list[asyncpg.Record]:
+        """Lease up to `limit` due endpoints that have events to send."""
+        return await self._conn.fetch(QUERIES["claim_webhook_endpoints"], limit, lease_s, lease)
+
+    async def webhook_events(
+        self, after_id: int, actions: Sequence[str], limit: int
+    ) -> list[asyncpg.Record]:
+        """Return the next audit entries of these actions after `after_id`, with campaign names."""
+        return await self._conn.fetch(QUERIES["webhook_events"], after_id, list(actions), limit)
+
+    async def hold_webhook_lease(self, endpoint_id: int, lease: uuid.UUID, lease_s: float) -> bool:
+        """Renew this loop's lease on a live endpoint; False if it was lost or removed."""
+        found = await self._conn.fetchval(
+            QUERIES["hold_webhook_lease"], endpoint_id, lease, lease_s
+        )
+        return found is not None
+
+    async def webhook_delivered(self, endpoint_id: int, lease: uuid.UUID, audit_id: int) -> bool:
+        """Move the endpoint's cursor to `audit_id`; False if this loop lost the lease."""
+        found = await self._conn.fetchval(
+            QUERIES["webhook_delivered"], endpoint_id, lease, audit_id
+        )
+        return found is not None
+
+    async def webhook_failed(
+        self, endpoint_id: int, lease: uuid.UUID, error: str, retry_in_s: float
+    ) -> int | None:
+        """Count a failed attempt and release the lease; return the failures in a row."""
+        attempts: int | None = await self._conn.fetchval(
+            QUERIES["webhook_failed"], endpoint_id, lease, error, retry_in_s
+        )
+        return attempts
+
+    async def release_webhook_endpoint(self, endpoint_id: int, lease: uuid.UUID) -> None:
+        """Give the endpoint's lease back."""
+        await self._conn.execute(QUERIES["release_webhook_endpoint"], endpoint_id, lease)
+
+    async def log_webhook_attempt(
+        self,
+        *,
+        endpoint_id: int,
+        audit_id: int,
+        event: str,
+        attempt: int,
+        status: int | None,
+        error: str | None,
+        duration_ms: float,
+        keep: int,
+    ) -> None:
+        """Record one delivery attempt, keeping the newest `keep` of the endpoint."""
+        await self._conn.execute(
+            QUERIES["log_webhook_attempt"],
+            endpoint_id,
+            audit_id,
+            event,
+            attempt,
+            status,
+            error,
+            duration_ms,
+            keep,
+        )
+
+    async def webhook_deliveries(self, endpoint_id: int, limit: int) -> list[asyncpg.Record]:
+        """Return an endpoint's newest delivery attempts, newest first."""
+        return await self._conn.fetch(QUERIES["webhook_deliveries"], endpoint_id, limit)
 
 
 def _dicts(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
