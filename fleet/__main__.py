@@ -327,7 +327,7 @@ async def _run(args: argparse.Namespace, settings: FleetSettings) -> int:  # noq
         case "token":
             return await _with_repo(settings, lambda repo: _token(repo, args))
         case "webhook":
-            return await _with_repo(settings, lambda repo: _webhook(repo, args))
+            return await _with_repo(settings, lambda repo: _webhook(repo, settings, args))
     return 2
 
 
@@ -450,7 +450,7 @@ async def _token(repo: Repository, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _webhook(repo: Repository, args: argparse.Namespace) -> int:
+async def _webhook(repo: Repository, settings: FleetSettings, args: argparse.Namespace) -> int:
     now = SystemClock().now()
     match args.action:
         case "add":
@@ -462,6 +462,7 @@ async def _webhook(repo: Repository, args: argparse.Namespace) -> int:
                 actor=campaigns.OPERATOR,
                 at=now,
                 start_after=args.start_after,
+                allowed_hosts=webhooks.allowed_hosts(settings.webhook_allowed_hosts),
             )
             print(f"webhook {endpoint.id} -> {endpoint.url}: {', '.join(endpoint.events)}")
             if args.secret is None:

@@ -9,6 +9,7 @@ typed errors of the layers below in one place (`_ERROR_STATUS` and the handlers)
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fleet import audit, campaigns, inventory, tokens
+from fleet import audit, campaigns, inventory, tokens, webhooks
 from fleet.api_models import (
     AuditEntry,
     AuditPage,
@@ -39,6 +40,7 @@ from fleet.api_models import (
     CampaignSummary,
     DeadLetter,
     DeadLetterPage,
+    DeliveryOut,
     ErrorBody,
     EventRecord,
     Excluded,
@@ -62,6 +64,9 @@ from fleet.api_models import (
     TokenOut,
     Version,
     WaveProgress,
+    WebhookCreate,
+    WebhookCreated,
+    WebhookOut,
     Whoami,
 )
 from fleet.artifacts import ArtifactStore
@@ -75,6 +80,7 @@ from fleet.errors import (
     DuplicateError,
     NotFoundError,
     QueryRefusedError,
+    WebhookError,
 )
 from fleet.planning import plan_campaign
 from fleet.protocol import PackageKind
@@ -639,6 +645,48 @@ def _router() -> APIRouter:
         """Revoke a token; its next request is refused."""
         await tokens.revoke(context.repo, token_id, actor=caller.name, at=context.clock.now())
 
+    # -- webhooks ----------------------------------------------------------------------
+
+    @api.get("/webhooks", tags=["webhooks"])
+    async def list_webhooks(_: Admin, context: Context) -> list[WebhookOut]:
+        """Endpoints and their delivery lag: pending events, failing attempts, last error."""
+        return [
+            WebhookOut(**dataclasses.asdict(e)) for e in await webhooks.list_endpoints(context.repo)
+        ]
+
+    @api.post("/webhooks", status_code=201, tags=["webhooks"])
+    async def add_webhook(caller: Admin, context: Context, body: WebhookCreate) -> WebhookCreated:
+        """Register an endpoint for campaign events; its secret is in this response only."""
+        endpoint, secret = await webhooks.add_endpoint(
+            context.repo,
+            url=body.url,
+            events=body.events,
+            secret=body.secret,
+            actor=caller.name,
+            at=context.clock.now(),
+            start_after=body.start_after,
+            allowed_hosts=webhooks.allowed_hosts(context.settings.webhook_allowed_hosts),
+        )
+        return WebhookCreated(**dataclasses.asdict(endpoint), secret=secret)
+
+    @api.delete("/webhooks/{webhook_id}", status_code=204, tags=["webhooks"])
+    async def remove_webhook(caller: Admin, context: Context, webhook_id: DbId) -> None:
+        """Stop sending to an endpoint."""
+        await webhooks.remove_endpoint(
+            context.repo, webhook_id, actor=caller.name, at=context.clock.now()
+        )
+
+    @api.get("/webhooks/{webhook_id}/deliveries", tags=["webhooks"])
+    async def webhook_deliveries(
+        _: Admin,
+        context: Context,
+        webhook_id: DbId,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    ) -> list[DeliveryOut]:
+        """An endpoint's newest delivery attempts, newest first."""
+        found = await webhooks.recent_deliveries(context.repo, webhook_id, limit)
+        return [DeliveryOut(**dataclasses.asdict(d)) for d in found]
+
     return api
 
 
@@ -840,6 +888,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def refused(_: Request, exc: CampaignError) -> JSONResponse:
         translated = ApiError(exc.code, str(exc))
         return _error(translated.status, translated.code, translated.message)
+
+    @app.exception_handler(WebhookError)
+    async def bad_webhook(_: Request, exc: WebhookError) -> JSONResponse:
+        return _error(422, exc.code, str(exc))
 
     @app.exception_handler(DuplicateError)
     async def duplicate(_: Request, exc: DuplicateError) -> JSONResponse:

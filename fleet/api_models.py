@@ -346,3 +346,53 @@ class TokenIssued(TokenOut):
     """A new token and its secret: store it now, it cannot be shown again."""
 
     token: str
+
+
+class WebhookCreate(_Body):
+    """A new endpoint: campaign events are POSTed to `url`, signed with `secret`."""
+
+    url: Annotated[str, Field(min_length=1, max_length=2048, examples=["https://ops.example/hook"])]
+    events: Annotated[list[str], Field(min_length=1, max_length=32)]
+    #: The HMAC key; the server generates one when it is left out.
+    secret: Annotated[str, Field(min_length=16, max_length=256)] | None = None
+    #: Replay from after this audit id; by default the endpoint starts at the newest entry.
+    start_after: Annotated[int, Field(ge=0, le=2**62)] | None = None
+
+
+class WebhookOut(_Body):
+    """An endpoint and its delivery state; never its secret."""
+
+    id: int
+    url: str
+    events: list[str]
+    created_at: str
+    created_by: str
+    delivered_through: int
+    pending: int
+    attempts: int
+    last_error: str | None
+    failing_since: str | None
+    next_attempt_at: str | None
+    last_delivered_at: str | None
+    removed_at: str | None
+
+
+class WebhookCreated(WebhookOut):
+    """A new endpoint and its secret: store it now, it cannot be shown again."""
+
+    secret: str
+
+
+class DeliveryOut(_Body):
+    """One delivery attempt; `status` is None when no response came."""
+
+    id: int
+    endpoint_id: int
+    audit_id: int
+    event: str
+    attempt: int
+    at: str
+    status: int | None
+    error: str | None
+    duration_ms: float
+    ok: bool

@@ -124,6 +124,11 @@ class FleetSettings(BaseSettings):
         "(HMAC-SHA256 of the terminal id). Change it in production.",
     )
 
+    webhook_allowed_hosts: str = Field(
+        "",
+        description="Comma-separated hosts webhook endpoints may be registered at "
+        "(`*.example.com` matches its subdomains); empty allows any host.",
+    )
     webhook_poll_s: float = Field(
         1.0,
         gt=0,

@@ -124,6 +124,7 @@ async def add_endpoint(
     actor: str,
     at: float,
     start_after: int | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> tuple[WebhookEndpoint, str]:
     """Register an endpoint; return it and its secret (shown this once).
 
@@ -132,10 +133,11 @@ async def add_endpoint(
     ``webhook_added`` records it, without the secret.
 
     Raises:
-        WebhookError: ``bad_url`` (not http(s) with a host, or with credentials),
+        WebhookError: ``bad_url`` (not http(s) with a host, or with credentials, or a
+            host outside `allowed_hosts` when that is not empty),
             ``bad_events`` (none, or an unknown name), ``bad_secret`` (too short or long).
     """
-    url = _check_url(url)
+    url = _check_url(url, allowed_hosts)
     chosen = _check_events(events)
     if secret is None:
         secret = secrets.token_urlsafe(32)
@@ -225,7 +227,17 @@ async def recent_deliveries(repo: Repository, endpoint_id: int, limit: int) -> l
     ]
 
 
-def _check_url(url: str) -> str:
+def allowed_hosts(setting: str) -> list[str]:
+    """The host patterns of `FleetSettings.webhook_allowed_hosts` (comma-separated)."""
+    return [h.strip().lower() for h in setting.split(",") if h.strip()]
+
+
+def _host_allowed(host: str, patterns: Sequence[str]) -> bool:
+    host = host.lower().rstrip(".")
+    return any(host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in patterns)
+
+
+def _check_url(url: str, allowed: Sequence[str] = ()) -> str:
     url = url.strip()
     try:
         parts = urlsplit(url)
@@ -239,6 +251,12 @@ def _check_url(url: str) -> str:
         raise WebhookError("bad_url", "a webhook URL carries no credentials")
     if len(url) > _MAX_URL or parts.fragment:
         raise WebhookError("bad_url", f"a webhook URL is under {_MAX_URL} characters, no #")
+    if allowed and not _host_allowed(parts.hostname, allowed):
+        # The controller sits inside the operator's network: without a list, an admin
+        # token could make it POST to any internal address.
+        raise WebhookError(
+            "bad_url", f"webhooks may go to {', '.join(allowed)} only (FLEET_WEBHOOK_ALLOWED_HOSTS)"
+        )
     return url
 
 

@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,14 @@ import httpx
 import pytest
 
 from device_sim.fleet import Simulator
-from fleet import protocol, tokens
+from fleet import protocol, tokens, webhooks
 from fleet.db import Repository
 from fleet.embedded import Mosquitto
 from fleet.tokens import Role
 from tests.conftest import TERMINAL_SECRET
 from tests.mqtt_probe import Probe
 from tests.stack import Stack, eventually, make_settings, running, sim_config, terminal_ids
+from tests.test_webhooks import Receiver
 
 TERMINALS = 6
 
@@ -48,7 +50,11 @@ class Api:
 async def api(
     broker: Mosquitto, repo: Repository, database_url: str, tmp_path: Path
 ) -> AsyncIterator[Api]:
-    stack = Stack(make_settings(broker, database_url, tmp_path), repo, tmp_path)
+    # Webhooks may only go to this machine: the fuzz test registers endpoints at random.
+    settings = make_settings(broker, database_url, tmp_path).model_copy(
+        update={"webhook_allowed_hosts": "127.0.0.1,localhost"}
+    )
+    stack = Stack(settings, repo, tmp_path)
     ids = terminal_ids(TERMINALS)
     await stack.provision(ids, {})
     issued = {}
@@ -85,13 +91,22 @@ def _writes(spec: dict[str, Any]) -> list[tuple[str, str]]:
             if method.upper() not in {"GET", "HEAD", "OPTIONS"}:
                 concrete = path.replace("{campaign_id}", "1").replace("{token_id}", "1")
                 concrete = concrete.replace("{name}", "g1").replace("{package_id}", "1")
+                concrete = concrete.replace("{webhook_id}", "1")
                 found.append((method.upper(), concrete.removeprefix("/api/v1")))
     return found
 
 
 async def _counts(repo: Repository) -> dict[str, int]:
     """Rows of every table an API call could change."""
-    tables = ["audit_log", "groups", "group_members", "packages", "campaigns", "api_tokens"]
+    tables = [
+        "audit_log",
+        "groups",
+        "group_members",
+        "packages",
+        "campaigns",
+        "api_tokens",
+        "webhook_endpoints",
+    ]
     async with repo.connection() as q:
         counts = {t: await q._conn.fetchval(f"SELECT count(*) FROM {t}") for t in tables}
         counts["live_tokens"] = await q._conn.fetchval(
@@ -133,6 +148,7 @@ async def test_anonymous_and_viewer_tokens_cannot_change_anything(
             "packages": [{"name": "os", "version": "2.0.0"}],
         },
         "/tokens": {"name": "intruder", "role": "admin"},
+        "/webhooks": {"url": "http://127.0.0.1:9/x", "events": ["campaign.paused"]},
     }
     forged = "fleet_" + "A" * 43
     for token, status, code in (
@@ -156,10 +172,10 @@ async def test_anonymous_and_viewer_tokens_cannot_change_anything(
             content=b"x" * 100_000,
         )
         assert response.status_code == 403
-    # The operator may not manage tokens either.
+    # The operator may not manage tokens or webhooks either.
     async with api.client(api.operator) as http:
         for method, path in writes:
-            if path.startswith("/tokens"):
+            if path.startswith(("/tokens", "/webhooks")):
                 response = await http.request(method, path, json=bodies.get(path))
                 assert response.status_code == 403, (method, path)
     # Reads need a token too; a viewer's token reads everything.
@@ -187,6 +203,15 @@ async def _audit_actions(repo: Repository, actor: str) -> list[str]:
 async def test_an_operator_rolls_out_an_update_through_the_api(
     api: Api, repo: Repository, broker: Mosquitto
 ) -> None:
+    receiver = Receiver()
+    await receiver.start()
+    try:
+        await _roll_out(api, repo, broker, receiver)
+    finally:
+        await receiver.stop()
+
+
+async def _roll_out(api: Api, repo: Repository, broker: Mosquitto, receiver: Receiver) -> None:
     ids = terminal_ids(TERMINALS)
     image = os.urandom(200_000)
     simulator = Simulator(sim_config(broker, TERMINALS, ["pilot"]))
@@ -234,6 +259,13 @@ async def test_an_operator_rolls_out_an_update_through_the_api(
         plan = await http.get(f"/campaigns/{campaign_id}/plan")
         assert plan.status_code == 200
         assert [w["wave"] for w in plan.json()["waves"]] == [1, 2]
+        async with api.client(api.admin) as admin:
+            hook = await admin.post(
+                "/webhooks",
+                json={"url": receiver.url, "events": ["campaign.started", "campaign.completed"]},
+            )
+            assert hook.status_code == 201, hook.text
+        secret = hook.json()["secret"]
         started = await http.post(f"/campaigns/{campaign_id}/start")
         assert started.status_code == 200, started.text
         assert started.json()["enrolled"] == TERMINALS
@@ -281,6 +313,25 @@ async def test_an_operator_rolls_out_an_update_through_the_api(
         assert ("runner", "wave_succeeded") in actions
         verdict = (await http.get("/audit/verify")).json()
         assert verdict["intact"] is True
+
+        # The webhook told the receiver, signed, in order; the admin sees it delivered.
+        requests = await receiver.wait_for(2)
+        assert [r.payload["event"] for r in requests] == ["campaign.started", "campaign.completed"]
+        assert [r.payload["campaign"]["id"] for r in requests] == [campaign_id, campaign_id]
+        for request in requests:
+            signature = request.headers["x-fleet-signature"]
+            assert webhooks.verify(secret, signature, request.body, now=time.time())
+        async with api.client(api.admin) as admin:
+            (listed,) = (await admin.get("/webhooks")).json()
+            assert "secret" not in listed
+            assert (listed["pending"], listed["attempts"]) == (0, 0)
+            deliveries = (await admin.get(f"/webhooks/{listed['id']}/deliveries")).json()
+            assert [d["ok"] for d in deliveries] == [True, True]
+            for url in ("ftp://x", "http://10.0.0.1/hook", "http://127.0.0.1.example.com/"):
+                bad = await admin.post(
+                    "/webhooks", json={"url": url, "events": ["campaign.paused"]}
+                )
+                assert (bad.status_code, bad.json()["error"]["code"]) == (422, "bad_url")
     assert await _audit_actions(repo, "operator-1") == [
         "group_created",
         "group_assigned",
