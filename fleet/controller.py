@@ -2,7 +2,8 @@
 
 Tasks: ``ingest`` (MQTT -> PostgreSQL, ack after commit), ``campaign-runner`` (desired
 states, waves, automatic pause), ``http`` (artifacts with Range, /metrics, /healthz) and
-``maintenance`` (heartbeat partitions, dead-letter trimming). If any of them fails the group
+``maintenance`` (heartbeat partitions, dead-letter trimming) and ``metrics-refresh`` (the
+gauges read from the database). If any of them fails the group
 cancels the rest and the process exits loudly; a supervisor (systemd, compose) restarts
 it, and because every decision lives in PostgreSQL and un-acked messages live in the
 broker's session, the new process carries on where the old one stopped.
@@ -116,6 +117,10 @@ async def _supervise(
         tasks.create_task(runner.run(stop), name="campaign-runner")
         tasks.create_task(http.serve(stop), name="http")
         tasks.create_task(_maintenance(repo, settings, stop), name="maintenance")
+        tasks.create_task(
+            metrics.refresh_forever(repo, settings.metrics_refresh_s, clock, stop),
+            name="metrics-refresh",
+        )
         logger.info("controller serving", extra={"action": "controller_ready"})
         if ready is not None:
             ready.set()

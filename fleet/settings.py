@@ -115,3 +115,9 @@ class FleetSettings(BaseSettings):
         description="Key from which provisioned terminals' broker passwords are derived "
         "(HMAC-SHA256 of the terminal id). Change it in production.",
     )
+    metrics_refresh_s: float = Field(
+        15.0,
+        gt=0,
+        description="How often the gauges read from the database (terminals, heartbeat ages, "
+        "campaign executions, dead letters) are recomputed; a scrape never queries it.",
+    )
