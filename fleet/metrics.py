@@ -21,8 +21,8 @@ from fleet.clock import Clock, as_datetime
 from fleet.db.repository import CampaignCount, HeartbeatAges, Repository, TerminalCount
 from fleet.errors import DatabaseUnavailableError
 from fleet.policy import CampaignPolicy
-from fleet.protocol import ErrorCode
-from fleet.states import FAILURE, ExecState
+from fleet.protocol import CommandKind, ErrorCode, RejectReason
+from fleet.states import FAILURE, REPORTABLE, ExecState
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +159,31 @@ _KNOWN_CODES = frozenset(ErrorCode)
 # As the runner counts: a canceled execution counts neither as a failure nor at all.
 _NOT_COUNTED = frozenset({ExecState.CANCELED, ExecState.CANCELING})
 
+# Every bounded label value is present from the start, at zero: a series that appears
+# with its first increment would hide that increment from rate() and increase().
 for _code in (*ErrorCode, "none", "other"):
-    # Present from the start, so that the first failure of a code shows in increase().
     UPDATE_FAILURES.labels(_code)
+for _reason in RejectReason:
+    INGEST_REJECTED.labels(_reason.value)
+for _state in sorted(REPORTABLE):
+    UPDATE_TRANSITIONS.labels(_state.value)
+for _kind in ("events", "heartbeat", "presence", "hello"):
+    INGEST_MESSAGES.labels(_kind)
+for _command in CommandKind:
+    COMMANDS_PUBLISHED.labels(_command.value)
+for _action in (
+    "admitted",
+    "terminals_joined",
+    "wave_succeeded",
+    "wave_advanced",
+    "threshold_tripped",
+    "timed_out",
+    "retry_scheduled",
+    "unreachable",
+    "health_gate_failed",
+    "canceled_unanswered",
+):
+    CAMPAIGN_DECISIONS.labels(_action)
 
 
 def failure_code(code: str | None) -> str:
