@@ -312,14 +312,24 @@ def _set_campaigns(rows: Sequence[CampaignCount]) -> None:
             if row.wave is not None and row.state is not None and row.n is not None:
                 waves[row.wave][row.state] = row.n
                 CAMPAIGN_EXECUTIONS.labels(first.name, str(row.wave), row.state).set(row.n)
-        policy = CampaignPolicy.model_validate(first.policy)
+        CAMPAIGN_CURRENT_WAVE.labels(first.name).set(first.current_wave)
+        try:
+            policy = CampaignPolicy.model_validate(first.policy)
+        except ValueError as exc:
+            # The runner reports such a campaign on every tick; its counts still show.
+            logger.warning(
+                "no failure ratios for campaign %s: %s",
+                first.name,
+                exc,
+                extra={"action": "metrics_policy_unreadable"},
+            )
+            continue
         acknowledged = first.acknowledged_failures
         current = waves.get(first.current_wave, {})
         everything: dict[str, int] = defaultdict(int)
         for counts in waves.values():
             for state, n in counts.items():
                 everything[state] += n
-        CAMPAIGN_CURRENT_WAVE.labels(first.name).set(first.current_wave)
         for scope, counts, accepted, threshold in (
             (
                 "wave",

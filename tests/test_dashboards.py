@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -558,6 +559,7 @@ async def test_every_panel_query_returns_what_the_campaign_did(
                 assert facts.failures, "the scenario must fail somewhere for the failure panels"
                 assert facts.in_states(SUCCESS), "and succeed somewhere"
                 await _check_every_query(server, facts)
+                await _check_the_campaign_variable(server, facts)
         finally:
             await stack.stop_controller()
 
@@ -686,6 +688,18 @@ async def _learn(facts: Facts, repo: Repository, campaign_id: int) -> None:
         facts.hellos = await conn.fetchval(
             "SELECT count(*) FROM terminals WHERE boot_id IS NOT NULL"
         )
+
+
+async def _check_the_campaign_variable(server: PrometheusServer, facts: Facts) -> None:
+    """The campaign dashboard's variable offers the campaign (Grafana's label_values)."""
+    [variable] = _dashboards()["campaign-progress.json"]["templating"]["list"]
+    match = re.fullmatch(r"label_values\((\w+), *(\w+)\)", variable["query"]["query"])
+    assert match is not None, variable["query"]
+    metric, label = match.groups()
+    reply = await server.client.get(
+        f"{server.url}/api/v1/label/{label}/values", params={"match[]": metric}
+    )
+    assert reply.json() == {"status": "success", "data": [facts.campaign]}
 
 
 async def _check_every_query(server: PrometheusServer, facts: Facts) -> None:
