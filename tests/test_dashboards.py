@@ -481,6 +481,21 @@ def test_dashboards_are_provisionable_and_every_panel_has_a_query() -> None:
     assert [v["name"] for v in variables] == ["campaign"]
 
 
+def test_the_compose_prometheus_scrapes_the_controller() -> None:
+    path = DEPLOY / "prometheus" / "prometheus.yml"
+    [job] = yaml.safe_load(path.read_text())["scrape_configs"]
+    assert job["job_name"] == "fleet"
+    assert job["metrics_path"] == "/metrics"
+    assert job["scrape_interval"] == "5s"
+    assert job["static_configs"] == [{"targets": ["controller:8080"]}]
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool (Debian's prometheus) is missing: run ./scripts/setup"
+    checked = subprocess.run(
+        [promtool, "check", "config", str(path)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_every_query_has_an_expectation_and_every_expectation_a_query() -> None:
     exprs = {expr for *_, expr in _targets()}
     unexpected = [
