@@ -3,8 +3,9 @@
 Tasks: ``ingest`` (MQTT -> PostgreSQL, ack after commit), ``campaign-runner`` (desired
 states, waves, automatic pause), ``http`` (artifacts with Range, /metrics, /healthz),
 ``api`` (the operators' REST API, `fleet.api`),
-``maintenance`` (heartbeat partitions, dead-letter trimming) and ``webhooks`` (campaign
-events to operators' endpoints, from the audit log). If any of them fails the group
+``maintenance`` (heartbeat partitions, dead-letter trimming), ``webhooks`` (campaign
+events to operators' endpoints, from the audit log) and ``metrics-refresh`` (the gauges
+read from the database). If any of them fails the group
 cancels the rest and the process exits loudly; a supervisor (systemd, compose) restarts
 it, and because every decision lives in PostgreSQL and un-acked messages live in the
 broker's session, the new process carries on where the old one stopped.
@@ -140,6 +141,10 @@ async def _supervise(
         )
         tasks.create_task(_maintenance(repo, settings, stop), name="maintenance")
         tasks.create_task(WebhookSender(repo, settings).run(stop), name="webhooks")
+        tasks.create_task(
+            metrics.refresh_forever(repo, settings.metrics_refresh_s, clock, stop),
+            name="metrics-refresh",
+        )
         logger.info("controller serving", extra={"action": "controller_ready"})
         if ready is not None:
             ready.set()

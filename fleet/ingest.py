@@ -34,7 +34,7 @@ from fleet.protocol import (
     decode,
     terminal_topic,
 )
-from fleet.states import ExecState
+from fleet.states import FAILURE, ExecState
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +261,8 @@ class Ingest:
                     metrics.EVENT_DUPLICATES.inc()
                 elif outcome.moved:
                     metrics.UPDATE_TRANSITIONS.labels(event.state.value).inc()
+                    if outcome.new_state in FAILURE:
+                        metrics.UPDATE_FAILURES.labels(metrics.failure_code(event.error_code)).inc()
                     if outcome.new_state == ExecState.RETRY_WAIT:
                         retries.setdefault(event.campaign_id, []).append(event.tid)
                 else:

@@ -100,6 +100,7 @@ class MqttSession:
                 await asyncio.gather(task, return_exceptions=True)
         connection, self._connection = self._connection, None
         self.connected.clear()
+        metrics.MQTT_CONNECTED.set(0)
         if connection is not None:
             connection.disconnect()
             await connection.closed
@@ -121,18 +122,22 @@ class MqttSession:
                     await self._subscribe_on(connection)
             except MqttError as exc:
                 logger.warning("MQTT connect failed: %s", exc, extra={"action": "mqtt_refused"})
+                metrics.MQTT_CONNECT_FAILURES.inc()
                 # Jittered, so controllers restarted together do not reconnect in step.
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, _RECONNECT_MAX_S)
                 continue
             connected_at = time.monotonic()
             metrics.MQTT_CONNECTS.inc()
+            metrics.MQTT_CONNECTED.set(1)
             logger.info("MQTT connected", extra={"action": "mqtt_connected"})
             self.connected.set()
             # Shielded: cancelling this task must not cancel the future `stop` waits on.
             ended = await asyncio.shield(connection.closed)
             self._connection = None
             self.connected.clear()
+            metrics.MQTT_DISCONNECTS.inc()
+            metrics.MQTT_CONNECTED.set(0)
             logger.warning("MQTT disconnected: %s", ended, extra={"action": "mqtt_lost"})
             if time.monotonic() - connected_at > _RECONNECT_MAX_S:
                 # A connection that lasted is a fresh start; one the broker dropped at once

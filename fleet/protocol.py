@@ -319,6 +319,26 @@ class RejectReason(enum.StrEnum):
     UNSTORABLE = "unstorable"
 
 
+class ErrorCode(enum.StrEnum):
+    """The `error_code`s of failed updates that the controller knows by name.
+
+    Terminals may send others (`^[A-Z0-9_]+$`); they are stored as sent, and counted on
+    dashboards as ``other``. The last two are the controller's own. DO NOT CHANGE: on
+    dashboards.
+    """
+
+    INCOMPATIBLE_MODEL = "INCOMPATIBLE_MODEL"
+    DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
+    SIZE_EXCEEDED = "SIZE_EXCEEDED"
+    HASH_MISMATCH = "HASH_MISMATCH"
+    INSTALL_FAILED = "INSTALL_FAILED"
+    SELF_TEST_FAILED = "SELF_TEST_FAILED"
+    POWER_LOSS = "POWER_LOSS"
+    LOW_BATTERY = "LOW_BATTERY"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    HEALTH_DEGRADED = "HEALTH_DEGRADED"
+
+
 class ProtocolError(ValueError):
     """An incoming message broke the contract; `reason` is a stable code."""
 

@@ -36,6 +36,7 @@ from fleet.protocol import (
     Command,
     CommandKind,
     DesiredState,
+    ErrorCode,
     MessageKind,
     PackageKind,
     PackageRef,
@@ -275,6 +276,14 @@ class CampaignRunner:
                 decisions.append(("canceled_unanswered", _ids(canceled), len(canceled)))
             for action, detail, _ in decisions:
                 await self._audit(q, campaign, action, detail, at)
+        # Failures the controller decides itself, counted like those terminals report.
+        failures = (
+            (ErrorCode.DEADLINE_EXCEEDED, sum(r["state"] in FAILURE for r in expired)),
+            (ErrorCode.HEALTH_DEGRADED, sum(r["state"] in FAILURE for r in judged)),
+        )
+        for code, n in failures:
+            if n:
+                metrics.UPDATE_FAILURES.labels(code.value).inc(n)
         for action, detail, count in decisions:
             await self._decide(campaign, action, detail, count=count)
 

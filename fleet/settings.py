@@ -153,3 +153,9 @@ class FleetSettings(BaseSettings):
         description="Longest wait between retries of a failing webhook endpoint; it is "
         "retried at this pace for as long as it fails, and its later events wait.",
     )
+    metrics_refresh_s: float = Field(
+        15.0,
+        gt=0,
+        description="How often the gauges read from the database (terminals, heartbeat ages, "
+        "campaign executions, dead letters) are recomputed; a scrape never queries it.",
+    )

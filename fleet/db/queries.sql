@@ -882,3 +882,51 @@ WHERE endpoint_id = $1
 -- name: webhook_deliveries
 SELECT id, endpoint_id, audit_id, event, attempt, at, status, error, duration_ms
 FROM webhook_deliveries WHERE endpoint_id = $1 ORDER BY id DESC LIMIT $2;
+-- name: terminal_counts
+-- Terminals by model, firmware version and online flag, for the metrics gauges. The
+-- firmware version is what a terminal reports for a registered firmware package (the
+-- first by name when it reports several); NULL when it reports none.
+WITH firmware AS (
+    SELECT array_agg(DISTINCT name ORDER BY name) AS names FROM packages WHERE kind = 'firmware'
+)
+SELECT t.model,
+       (SELECT t.versions ->> n FROM unnest(f.names) AS n WHERE t.versions ? n LIMIT 1)
+           AS version,
+       t.online, count(*)::int AS n
+FROM terminals t, firmware f
+GROUP BY 1, 2, 3;
+
+-- name: heartbeat_ages
+-- Online terminals by seconds since their last heartbeat ($1: the controller's clock),
+-- counted at or under each bound of $2 (ascending); terminals online without a heartbeat
+-- yet have no age and are left out.
+WITH ages AS (
+    SELECT greatest(0, extract(epoch FROM $1::timestamptz - heartbeat_at))::float8 AS age
+    FROM terminals
+    WHERE online AND heartbeat_at IS NOT NULL
+)
+SELECT ARRAY(SELECT (SELECT count(*) FROM ages WHERE age <= b.le)::int
+             FROM unnest($2::float8[]) WITH ORDINALITY AS b (le, i) ORDER BY b.i) AS under,
+       (SELECT count(*) FROM ages)::int AS n,
+       (SELECT coalesce(sum(age), 0) FROM ages)::float8 AS total_s,
+       (SELECT max(age) FROM ages)::float8 AS oldest_s;
+
+-- name: campaign_execution_counts
+-- Executions by wave and state of every campaign that is running or paused, or that
+-- changed since $1 (a finished one stays on the dashboards for a while), with what the
+-- failure thresholds need.
+WITH shown AS (
+    SELECT c.id, c.name, c.current_wave, c.acknowledged_failures, c.policy
+    FROM campaigns c
+    WHERE c.control IN ('running', 'paused')
+       OR c.control <> 'draft' AND (
+           c.updated_at >= $1::timestamptz
+           OR EXISTS (SELECT 1 FROM executions e
+                      WHERE e.campaign_id = c.id AND e.updated_at >= $1::timestamptz))
+)
+SELECT s.id, s.name, s.current_wave, s.acknowledged_failures, s.policy, x.wave, x.state, x.n
+FROM shown s
+LEFT JOIN (SELECT campaign_id, wave, state, count(*)::int AS n
+           FROM executions WHERE campaign_id IN (SELECT id FROM shown)
+           GROUP BY campaign_id, wave, state) x ON x.campaign_id = s.id
+ORDER BY s.id, x.wave, x.state;

@@ -884,6 +884,71 @@ class Queries:
         """Return an endpoint's newest delivery attempts, newest first."""
         return await self._conn.fetch(QUERIES["webhook_deliveries"], endpoint_id, limit)
 
+    async def terminal_counts(self) -> list["TerminalCount"]:
+        """Return terminals counted by model, firmware version and online flag."""
+        rows = await self._conn.fetch(QUERIES["terminal_counts"])
+        return [TerminalCount(**dict(r)) for r in rows]
+
+    async def heartbeat_ages(self, at: datetime, bounds: Sequence[float]) -> "HeartbeatAges":
+        """Return online terminals' heartbeat ages at `at`, counted under each bound."""
+        row = await self._conn.fetchrow(QUERIES["heartbeat_ages"], at, list(bounds))
+        assert row is not None
+        return HeartbeatAges(
+            under=list(row["under"]), n=row["n"], total_s=row["total_s"], oldest_s=row["oldest_s"]
+        )
+
+    async def campaign_execution_counts(self, since: datetime) -> list["CampaignCount"]:
+        """Return execution counts by wave and state of live and recently changed campaigns.
+
+        A campaign without executions yet has one row with wave, state and n None.
+        """
+        rows = await self._conn.fetch(QUERIES["campaign_execution_counts"], since)
+        return [
+            CampaignCount(
+                **{
+                    **dict(r),
+                    "acknowledged_failures": {
+                        int(wave): n for wave, n in json.loads(r["acknowledged_failures"]).items()
+                    },
+                    "policy": json.loads(r["policy"]),
+                }
+            )
+            for r in rows
+        ]
+
+
+class TerminalCount(NamedTuple):
+    """Terminals of one model, firmware version (None: none reported) and online flag."""
+
+    model: str
+    version: str | None
+    online: bool
+    n: int
+
+
+class HeartbeatAges(NamedTuple):
+    """Online terminals' seconds since their last heartbeat, as a cumulative histogram."""
+
+    #: Terminals at or under each bound asked for, in the same order.
+    under: list[int]
+    n: int
+    total_s: float
+    #: The oldest age (None: no online terminal has sent a heartbeat).
+    oldest_s: float | None
+
+
+class CampaignCount(NamedTuple):
+    """Executions of one campaign in one wave and state, with the campaign's rules."""
+
+    id: int
+    name: str
+    current_wave: int
+    acknowledged_failures: dict[int, int]
+    policy: dict[str, Any]
+    wave: int | None
+    state: str | None
+    n: int | None
+
 
 def _dicts(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
