@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -111,6 +113,18 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+API_REQUESTS = Counter(
+    "fleet_api_requests",
+    "REST API requests answered, by route template, method and status code.",
+    ["route", "method", "code"],
+)
+API_SECONDS = Histogram(
+    "fleet_api_request_seconds",
+    "Time to answer one REST API request, body included.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
 class ApiError(Exception):
     """A refused request: its stable code and a message for people."""
 
@@ -157,9 +171,44 @@ def create_app(context: ApiContext) -> FastAPI:
     )
     app.state.context = context
     app.add_middleware(_BodyLimit, limit=_MAX_JSON_BODY, exempt=f"{API_PREFIX}/packages")
+    app.add_middleware(_Measured)
     app.include_router(_router(), prefix=API_PREFIX, responses=_ERROR_RESPONSES)
     _install_error_handlers(app)
     return app
+
+
+class _Measured:
+    """Count every answer by route template (a bounded set) and time it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            # Routes of the included router know their path below the API prefix.
+            path = getattr(route, "path", None)
+            template = "other" if path is None else _under_prefix(path)
+            API_REQUESTS.labels(template, scope["method"], str(status)).inc()
+            API_SECONDS.observe(time.perf_counter() - started)
+
+
+def _under_prefix(path: str) -> str:
+    return path if path.startswith(API_PREFIX) else API_PREFIX + path
 
 
 class _BodyLimit:

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from device_sim.fleet import Simulator
 from fleet import protocol, tokens, webhooks
@@ -401,6 +402,16 @@ async def test_errors_carry_stable_codes_and_tokens_can_be_revoked(api: Api) -> 
             )
         twice = await http.delete(f"/tokens/{bot['id']}")
         assert twice.status_code == 404
+    # Each answer is counted by its route template, never by the concrete path.
+    counted = REGISTRY.get_sample_value(
+        "fleet_api_requests_total",
+        {"route": "/api/v1/campaigns/{campaign_id}/pause", "method": "POST", "code": "409"},
+    )
+    assert counted is not None
+    assert counted >= 1
+    assert REGISTRY.get_sample_value(
+        "fleet_api_requests_total", {"route": "other", "method": "GET", "code": "404"}
+    )
 
 
 async def test_the_api_survives_fuzzing_from_its_own_openapi_spec(api: Api, tmp_path: Path) -> None:

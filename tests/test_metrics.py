@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
+import fleet.api  # registers the REST API's metrics
 import fleet.http  # registers the HTTP server's metrics
 import fleet.runner
 from fleet import campaigns, metrics
