@@ -20,6 +20,7 @@ side.
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import random
@@ -33,11 +34,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import idna
 
 from fleet import audit
 from fleet.clock import as_datetime
 from fleet.db.repository import Repository
-from fleet.errors import DatabaseUnavailableError, NotFoundError, WebhookError
+from fleet.errors import DatabaseUnavailableError, NotFoundError, QueryRefusedError, WebhookError
 from fleet.settings import FleetSettings
 
 logger = logging.getLogger(__name__)
@@ -165,7 +167,7 @@ async def add_endpoint(
             action="webhook_added",
             detail={
                 "endpoint": endpoint_id,
-                "url": url,
+                "url": redacted(url),
                 "events": chosen,
                 "delivered_through": row["delivered_through"],
             },
@@ -196,7 +198,7 @@ async def remove_endpoint(repo: Repository, endpoint_id: int, *, actor: str, at:
             at=at,
             actor=actor,
             action="webhook_removed",
-            detail={"endpoint": endpoint_id, "url": url},
+            detail={"endpoint": endpoint_id, "url": redacted(url)},
         )
 
 
@@ -237,6 +239,34 @@ def _host_allowed(host: str, patterns: Sequence[str]) -> bool:
     return any(host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in patterns)
 
 
+def redacted(url: str) -> str:
+    """`url` without its path and query, which often carry a receiver's own secret.
+
+    What the audit log (readable by viewers) and the controller's log show of an endpoint.
+    """
+    parts = urlsplit(url)
+    return (
+        f"{parts.scheme}://{parts.netloc}/…" if parts.path not in ("", "/") or parts.query else url
+    )
+
+
+def _encodable_host(host: str) -> bool:
+    """Whether the HTTP client can connect to `host` (an IP address or an IDNA name)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return True
+    if host.isascii() and "xn--" not in host.lower():
+        return True  # sent as it is, as the HTTP client does
+    try:
+        idna.encode(host, uts46=True)
+    except idna.IDNAError:
+        return False
+    return True
+
+
 def _check_url(url: str, allowed: Sequence[str] = ()) -> str:
     url = url.strip()
     try:
@@ -251,6 +281,8 @@ def _check_url(url: str, allowed: Sequence[str] = ()) -> str:
         raise WebhookError("bad_url", "a webhook URL carries no credentials")
     if len(url) > _MAX_URL or parts.fragment:
         raise WebhookError("bad_url", f"a webhook URL is under {_MAX_URL} characters, no #")
+    if not _encodable_host(parts.hostname):
+        raise WebhookError("bad_url", f"not a valid host name: {parts.hostname!r}")
     if allowed and not _host_allowed(parts.hostname, allowed):
         # The controller sits inside the operator's network: without a list, an admin
         # token could make it POST to any internal address.
@@ -387,45 +419,66 @@ class WebhookSender:
         self._max_backoff_s = settings.webhook_max_backoff_s
         self._lease_s = settings.webhook_timeout_s + _LEASE_MARGIN_S
         self._transport = transport
+        self._allowed = allowed_hosts(settings.webhook_allowed_hosts)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until `stop` is set; a POST under way then finishes (or times out)."""
+        """Deliver until `stop` is set; a POST under way then finishes (or times out).
+
+        Up to `_ENDPOINTS_PER_PASS` endpoints drain at once, each in its own task; a free
+        slot is filled as soon as one finishes, so a slow endpoint holds one slot, not the
+        others' events.
+        """
+        draining: set[asyncio.Task[None]] = set()
         async with httpx.AsyncClient(
             timeout=self._timeout_s,
             follow_redirects=False,
             headers={"User-Agent": "fleet-webhooks/1"},
             transport=self._transport,
         ) as client:
-            while not stop.is_set():
-                served = 0
-                try:
-                    served = await self.deliver_once(client, stop)
-                except DatabaseUnavailableError as exc:
-                    logger.warning(
-                        "webhook pass skipped: %s", exc, extra={"action": "webhook_pass_skipped"}
-                    )
-                if served:
-                    continue  # more may be due at once
-                try:
-                    async with asyncio.timeout(self._poll_s):
-                        await stop.wait()
-                except TimeoutError:
-                    pass
+            try:
+                while not stop.is_set():
+                    try:
+                        draining |= await self._claim(
+                            client, _ENDPOINTS_PER_PASS - len(draining), stop
+                        )
+                    except DatabaseUnavailableError as exc:
+                        logger.warning(
+                            "webhook pass skipped: %s",
+                            exc,
+                            extra={"action": "webhook_pass_skipped"},
+                        )
+                    waiting = asyncio.ensure_future(stop.wait())
+                    try:
+                        await asyncio.wait(
+                            {waiting, *draining},
+                            timeout=self._poll_s,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    finally:
+                        waiting.cancel()
+                    for task in [t for t in draining if t.done()]:
+                        draining.discard(task)
+                        task.result()  # a bug in delivery stops the controller loudly
+            finally:
+                if draining:
+                    await asyncio.wait(draining)
 
-    async def deliver_once(self, client: httpx.AsyncClient, stop: asyncio.Event) -> int:
-        """Lease the due endpoints and send their next events; return how many it served."""
+    async def _claim(
+        self, client: httpx.AsyncClient, slots: int, stop: asyncio.Event
+    ) -> set[asyncio.Task[None]]:
+        """Lease up to `slots` due endpoints and start draining each in its own task."""
+        if slots <= 0:
+            return set()
         lease = uuid.uuid4()
         async with self._repo.connection() as q:
             await q.skip_idle_webhooks()
-            claimed = await q.claim_webhook_endpoints(_ENDPOINTS_PER_PASS, self._lease_s, lease)
-        if not claimed:
-            return 0
-        async with asyncio.TaskGroup() as tasks:
-            for endpoint in claimed:
-                tasks.create_task(
-                    self._drain(client, endpoint, lease, stop), name=f"webhook-{endpoint['id']}"
-                )
-        return len(claimed)
+            claimed = await q.claim_webhook_endpoints(slots, self._lease_s, lease)
+        return {
+            asyncio.create_task(
+                self._drain(client, endpoint, lease, stop), name=f"webhook-{endpoint['id']}"
+            )
+            for endpoint in claimed
+        }
 
     async def _drain(
         self,
@@ -472,7 +525,7 @@ class WebhookSender:
                         "webhook %s to endpoint %d (%s) failed, attempt %d: %s; retry in %.3gs",
                         event,
                         endpoint_id,
-                        endpoint["url"],
+                        redacted(endpoint["url"]),
                         failures,
                         outcome.error,
                         delay,
@@ -482,7 +535,7 @@ class WebhookSender:
                 failures = 0
             async with self._repo.connection() as q:
                 await q.release_webhook_endpoint(endpoint_id, lease)
-        except DatabaseUnavailableError as exc:
+        except (DatabaseUnavailableError, QueryRefusedError) as exc:
             # The lease lapses on its own; the event is sent again (at least once).
             logger.warning(
                 "webhook endpoint %d left: %s",
@@ -509,6 +562,10 @@ class WebhookSender:
         started = time.monotonic()
         status: int | None = None
         error: str | None = None
+        host = urlsplit(url).hostname or ""
+        if self._allowed and not _host_allowed(host, self._allowed):
+            # Registered before the list was narrowed: held back, not dropped.
+            return _Outcome(None, f"{host} is not in FLEET_WEBHOOK_ALLOWED_HOSTS", 0.0)
         try:
             async with asyncio.timeout(self._timeout_s):
                 # Streamed and closed unread: a receiver's answer body is not ours to hold.
@@ -516,7 +573,9 @@ class WebhookSender:
                     status = response.status_code
         except TimeoutError:
             error = f"no response within {self._timeout_s:g}s"
-        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+        except Exception as exc:
+            # httpx raises more than HTTPError for some URLs (an invalid IDNA host raises
+            # idna.IDNAError); none of it may stop delivery to the other endpoints.
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if status is not None and not 200 <= status < 300:
             error = f"HTTP {status}"

@@ -237,6 +237,7 @@ async def test_endpoint_requests_are_validated_audited_and_never_show_the_secret
         ({"url": "http:///nohost"}, "bad_url"),
         ({"url": "https://user:pw@x/y"}, "bad_url"),
         ({"url": "http://x:99999/"}, "bad_url"),
+        ({"url": "http://xn--zz.example.com/hook"}, "bad_url"),  # not a valid IDNA name
         ({"events": []}, "bad_events"),
         ({"events": ["campaign.exploded"]}, "bad_events"),
         ({"secret": "short"}, "bad_secret"),
@@ -268,10 +269,39 @@ async def test_endpoint_requests_are_validated_audited_and_never_show_the_secret
         log = [(r["action"], r["detail"]) for r in await q.audit_page(0, 100)]
     assert [a for a, _ in log] == ["webhook_added", "webhook_added", "webhook_removed"]
     assert all(secret not in d and "s" * 20 not in d for _, d in log)
+    # Viewers read the audit log: a receiver's own secret in a URL's path stays out of it.
+    assert [json.loads(d)["url"] for _, d in log] == [
+        "https://hooks.example/…",
+        "http://127.0.0.1:9/…",
+        "https://hooks.example/…",
+    ]
     assert (await audit.verify(repo)).intact
 
 
 # -- delivery ----------------------------------------------------------------------------
+
+
+async def test_a_host_taken_off_the_allowed_list_is_held_back_until_it_is_allowed(
+    repo: Repository, receiver: Receiver
+) -> None:
+    endpoint, _ = await _add(repo, receiver.url, ["campaign.paused", "campaign.resumed"])
+    campaign_id = await _campaign(repo)
+    await _pause_resume(repo, campaign_id, 1)
+    async with sending(repo, webhook_allowed_hosts="hooks.example"):
+
+        async def held_back() -> bool:
+            [state] = await webhooks.list_endpoints(repo)
+            return state.attempts >= 2
+
+        await eventually(held_back, what="the held-back endpoint to be retried")
+    [state] = await webhooks.list_endpoints(repo)
+    assert state.pending == 2
+    assert "FLEET_WEBHOOK_ALLOWED_HOSTS" in (state.last_error or "")
+    assert receiver.requests == []
+    async with sending(repo, webhook_allowed_hosts="127.0.0.1"):
+        requests = await receiver.wait_for(2)
+    assert [r.payload["event"] for r in requests] == ["campaign.paused", "campaign.resumed"]
+    assert endpoint.id == state.id
 
 
 async def test_events_arrive_signed_in_audit_order_and_only_the_subscribed_kinds(
