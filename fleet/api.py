@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
@@ -74,6 +75,7 @@ from fleet.api_models import (
 from fleet.artifacts import ArtifactStore
 from fleet.broker_admin import BrokerAdmin
 from fleet.clock import Clock
+from fleet.db import connect
 from fleet.db.repository import Repository
 from fleet.errors import (
     BrokerAdminError,
@@ -94,8 +96,24 @@ logger = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
 _MAX_PAGE = 1000
 _HISTORY = 50
-#: Largest JSON request body: 10,000 terminals to provision fit with room to spare.
-_MAX_JSON_BODY = 16 * 1024 * 1024
+#: Largest request body of most routes.
+_MAX_BODY = 1024 * 1024
+#: Largest body of the routes that take up to 10,000 terminals, with room to spare.
+_MAX_LARGE_BODY = 16 * 1024 * 1024
+_LARGE_BODY_ROUTES = re.compile(rf"{API_PREFIX}/(terminals|groups/[^/]+/members)")
+_UPLOAD_PATH = f"{API_PREFIX}/packages"
+#: Where uploads stream to, below the artifact store, before they are stored by sha256.
+_UPLOADS = ".uploads"
+#: An upload untouched this long belongs to no live request (another replica's included).
+_STALE_UPLOAD_S = 3600.0
+#: Served to anyone: the contract itself, and its browsable page.
+_PUBLIC_PATHS = frozenset(
+    {f"{API_PREFIX}/openapi.json", f"{API_PREFIX}/docs", f"{API_PREFIX}/docs/oauth2-redirect"}
+)
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: Methods counted under their own name; anything else is `other`, so no client can grow
+#: the label set.
+_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"})
 
 #: HTTP status of each stable error code the layers below raise; anything else that is a
 #: `CampaignError` is a request the current state refuses (409), or a bad value (422).
@@ -151,8 +169,11 @@ class ApiContext:
 
     @contextlib.asynccontextmanager
     async def admin(self) -> AsyncIterator[BrokerAdmin]:
-        """One broker-admin connection, held alone."""
-        async with self.admin_lock, self.broker_admin() as admin:
+        """One broker-admin connection, held alone here and across processes."""
+        async with (
+            self.admin_lock,
+            inventory.admin_session(self.repo, self.broker_admin) as admin,
+        ):
             yield admin
 
 
@@ -170,7 +191,9 @@ def create_app(context: ApiContext) -> FastAPI:
         redoc_url=None,
     )
     app.state.context = context
-    app.add_middleware(_BodyLimit, limit=_MAX_JSON_BODY, exempt=f"{API_PREFIX}/packages")
+    # The last added runs first: measure, then authenticate, then read a bounded body.
+    app.add_middleware(_BoundedBody)
+    app.add_middleware(_Authenticated, repo=context.repo)
     app.add_middleware(_Measured)
     app.include_router(_router(), prefix=API_PREFIX, responses=_ERROR_RESPONSES)
     _install_error_handlers(app)
@@ -203,7 +226,8 @@ class _Measured:
             # Routes of the included router know their path below the API prefix.
             path = getattr(route, "path", None)
             template = "other" if path is None else _under_prefix(path)
-            API_REQUESTS.labels(template, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            API_REQUESTS.labels(template, method, str(status)).inc()
             API_SECONDS.observe(time.perf_counter() - started)
 
 
@@ -211,41 +235,95 @@ def _under_prefix(path: str) -> str:
     return path if path.startswith(API_PREFIX) else API_PREFIX + path
 
 
-class _BodyLimit:
-    """Refuse request bodies over `limit` bytes, except on the streamed package upload.
+def _large_body_allowed(method: str, path: str) -> bool:
+    """Routes that take up to `_MAX_LARGE_BODY`: lists of up to 10,000 terminals."""
+    return method == "POST" and bool(_LARGE_BODY_ROUTES.fullmatch(path))
 
-    FastAPI reads a JSON body before it checks the token, so without this an anonymous
-    client could make the controller buffer a body of any size.
+
+class _Authenticated:
+    """Check the bearer token before anything reads the request body.
+
+    FastAPI parses a JSON body before a route's dependencies run, so checking the token
+    there would let anyone without one make the controller buffer and parse a body. Here
+    an unknown token is refused at once, and so is a viewer's token on anything that is
+    not a read; the routes then check the exact role they need (`_require`).
     """
 
-    def __init__(self, app: ASGIApp, *, limit: int, exempt: str) -> None:
+    def __init__(self, app: ASGIApp, *, repo: Repository) -> None:
         self._app = app
-        self._limit = limit
-        self._exempt = exempt
+        self._repo = repo
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == self._exempt:
+        if scope["type"] != "http" or scope["path"] in _PUBLIC_PATHS:
             await self._app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self._limit:
-            await _error(413, "payload_too_large", self._message)(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        principal = None
+        if scheme.lower() == "bearer" and token.strip():
+            principal = await tokens.authenticate(self._repo, token.strip())
+        if principal is None:
+            message = "a bearer token is required" if not header else "unknown or revoked token"
+            await _error(401, "unauthenticated", message)(scope, receive, send)
             return
+        if scope["method"] not in _READS and principal.role < Role.OPERATOR:
+            await _error(403, "forbidden", _forbidden(Role.OPERATOR, principal))(
+                scope, receive, send
+            )
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self._app(scope, receive, send)
+
+
+class _BoundedBody:
+    """Read a request body whole, up to its route's limit, before the route sees it.
+
+    Over the limit is 413 at once, whether the size was declared or the body was chunked.
+    The package upload is exempt: it streams to disk under its own limit.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == _UPLOAD_PATH:
+            await self._app(scope, receive, send)
+            return
+        limit = (
+            _MAX_LARGE_BODY if _large_body_allowed(scope["method"], scope["path"]) else _MAX_BODY
+        )
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        too_large = _error(
+            413, "payload_too_large", f"a request body here is at most {limit} bytes"
+        )
+        if declared.isdigit() and int(declared) > limit:
+            await too_large(scope, receive, send)
+            return
+        chunks: list[bytes] = []
         received = 0
-
-        async def bounded() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self._limit:
-                raise ApiError("payload_too_large", self._message)
-            return message
+            if message["type"] != "http.request":
+                break  # the client went away; the route sees what there was
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                await too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
 
-        await self._app(scope, bounded, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-    @property
-    def _message(self) -> str:
-        return f"a request body may be at most {self._limit} bytes here"
+        await self._app(scope, replay, send)
 
 
 # -- authentication --------------------------------------------------------------------
@@ -263,22 +341,22 @@ Context = Annotated[ApiContext, Depends(_context)]
 
 def _require(role: Role) -> Callable[..., Awaitable[Principal]]:
     async def authorised(
-        context: Context,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        request: Request,
+        # Unused here (`_Authenticated` checked the token); it puts the scheme in the spec.
+        _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
-        if credentials is None:
-            raise ApiError("unauthenticated", "a bearer token is required")
-        principal = await tokens.authenticate(context.repo, credentials.credentials)
+        principal: Principal | None = getattr(request.state, "principal", None)
         if principal is None:
-            raise ApiError("unauthenticated", "unknown or revoked token")
+            raise ApiError("unauthenticated", "a bearer token is required")
         if principal.role < role:
-            raise ApiError(
-                "forbidden",
-                f"this needs the {role.label} role; the token is {principal.role.label}",
-            )
+            raise ApiError("forbidden", _forbidden(role, principal))
         return principal
 
     return authorised
+
+
+def _forbidden(role: Role, principal: Principal) -> str:
+    return f"this needs the {role.label} role; the token is {principal.role.label}"
 
 
 Viewer = Annotated[Principal, Depends(_require(Role.VIEWER))]
@@ -747,7 +825,66 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def serve(app: FastAPI, host: str, port: int, stop: asyncio.Event, grace_s: float) -> None:
+async def run(
+    settings: FleetSettings,
+    clock: Clock,
+    store: ArtifactStore,
+    stop: asyncio.Event,
+    listening: asyncio.Event | None = None,
+) -> None:
+    """The controller's ``api`` task: serve the API on a database pool of its own.
+
+    `listening` is set once the port accepts connections.
+
+    Its own pool, so however many operators call at once, ingest and the runner keep
+    their connections.
+    """
+    repo = await connect(
+        settings.database_url,
+        pool_size=settings.api_db_pool_size,
+        command_timeout_s=settings.db_command_timeout_s,
+    )
+    try:
+        await asyncio.to_thread(_sweep_uploads, store.root / _UPLOADS)
+        context = ApiContext(
+            repo=repo,
+            settings=settings,
+            clock=clock,
+            store=store,
+            broker_admin=lambda: BrokerAdmin.from_settings(settings),
+        )
+        await serve(
+            create_app(context),
+            settings.api_host,
+            settings.api_port,
+            stop,
+            settings.shutdown_grace_s,
+            listening,
+        )
+    finally:
+        await repo.close()
+
+
+def _sweep_uploads(uploads: Path) -> None:
+    """Delete uploads a stopped process left behind (old enough not to be in progress)."""
+    if not uploads.is_dir():
+        return
+    cutoff = time.time() - _STALE_UPLOAD_S
+    for leftover in uploads.iterdir():
+        with contextlib.suppress(OSError):
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
+                logger.info("removed an abandoned upload %s", leftover.name)
+
+
+async def serve(
+    app: FastAPI,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    grace_s: float,
+    listening: asyncio.Event | None = None,
+) -> None:
     """Serve `app` until `stop` is set, then let requests under way finish for `grace_s`.
 
     The socket is bound here, so a taken port raises `OSError` into the supervisor
@@ -755,6 +892,8 @@ async def serve(app: FastAPI, host: str, port: int, stop: asyncio.Event, grace_s
     """
     sock = socket.create_server((host, port), reuse_port=False)
     sock.setblocking(False)  # noqa: FBT003 - the socket API's own flag
+    if listening is not None:
+        listening.set()  # connections queue in the backlog until uvicorn accepts them
     config = uvicorn.Config(
         app,
         lifespan="off",
@@ -886,7 +1025,7 @@ async def _receive(request: Request, context: ApiContext) -> Path:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
-    uploads = context.store.root / ".uploads"
+    uploads = context.store.root / _UPLOADS
     await asyncio.to_thread(uploads.mkdir, parents=True, exist_ok=True)
     handle, name = await asyncio.to_thread(tempfile.mkstemp, dir=uploads)
     path = Path(name)
@@ -948,7 +1087,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(QueryRefusedError)
     async def query_refused(_: Request, exc: QueryRefusedError) -> JSONResponse:
-        return _error(422, "refused_by_database", str(exc))
+        # PostgreSQL's own text can quote other rows' values: it goes to the log only.
+        logger.warning("api: refused by the database: %s", exc, extra={"action": "api_refused"})
+        return _error(
+            422,
+            "refused_by_database",
+            f"a value was refused by the database (SQLSTATE {exc.sqlstate})",
+        )
 
     @app.exception_handler(DatabaseUnavailableError)
     async def database_away(_: Request, exc: DatabaseUnavailableError) -> JSONResponse:

@@ -16,7 +16,6 @@ import logging
 
 from fleet import api, metrics
 from fleet.artifacts import ArtifactStore
-from fleet.broker_admin import BrokerAdmin
 from fleet.clock import Clock, SystemClock
 from fleet.db.repository import Repository, connect
 from fleet.errors import DatabaseUnavailableError
@@ -121,30 +120,15 @@ async def _supervise(
         tasks.create_task(_send_replies(session, replies, settings, stop), name="replies")
         tasks.create_task(runner.run(stop), name="campaign-runner")
         tasks.create_task(http.serve(stop), name="http")
-        tasks.create_task(
-            api.serve(
-                api.create_app(
-                    api.ApiContext(
-                        repo=repo,
-                        settings=settings,
-                        clock=clock,
-                        store=store,
-                        broker_admin=lambda: BrokerAdmin.from_settings(settings),
-                    )
-                ),
-                settings.api_host,
-                settings.api_port,
-                stop,
-                settings.shutdown_grace_s,
-            ),
-            name="api",
-        )
+        api_listening = asyncio.Event()
+        tasks.create_task(api.run(settings, clock, store, stop, api_listening), name="api")
         tasks.create_task(_maintenance(repo, settings, stop), name="maintenance")
         tasks.create_task(WebhookSender(repo, settings).run(stop), name="webhooks")
         tasks.create_task(
             metrics.refresh_forever(repo, settings.metrics_refresh_s, clock, stop),
             name="metrics-refresh",
         )
+        await api_listening.wait()
         logger.info("controller serving", extra={"action": "controller_ready"})
         if ready is not None:
             ready.set()

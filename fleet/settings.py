@@ -66,6 +66,12 @@ class FleetSettings(BaseSettings):
         description="Bind address of the operators' REST API (keep it off the terminals' network).",
     )
     api_port: int = Field(8081, description="Port of the REST API (/api/v1, its OpenAPI spec).")
+    api_db_pool_size: int = Field(
+        4,
+        ge=1,
+        description="Database connections of the REST API, a pool apart from ingest's and "
+        "the runner's.",
+    )
     api_max_upload_mb: int = Field(
         512, ge=1, description="Largest package file the API accepts, in MiB."
     )

@@ -239,6 +239,17 @@ async def _roll_out(api: Api, repo: Repository, broker: Mosquitto, receiver: Rec
         )
         assert again.status_code == 409
         assert again.json()["error"]["code"] == "already_exists"
+        other = os.urandom(1000)
+        clash = await http.post(
+            "/packages",
+            params={"name": "os", "version": "2.0.0", "kind": "firmware", "models": ["P400"]},
+            content=other,
+        )
+        assert clash.status_code == 409
+        # A refused upload leaves nothing behind: neither in the store nor half-written.
+        store = api.stack.settings.artifact_dir
+        assert sorted(p.name for p in store.iterdir() if p.is_file()) == [package["sha256"]]
+        assert list((store / ".uploads").iterdir()) == []
 
         created = await http.post(
             "/campaigns",
@@ -323,6 +334,13 @@ async def _roll_out(api: Api, repo: Repository, broker: Mosquitto, receiver: Rec
             signature = request.headers["x-fleet-signature"]
             assert webhooks.verify(secret, signature, request.body, now=time.time())
         async with api.client(api.admin) as admin:
+
+            async def recorded() -> bool:
+                # The receiver has both; the sender records each delivery after its answer.
+                (listed,) = (await admin.get("/webhooks")).json()
+                return bool(listed["pending"] == 0)
+
+            await eventually(recorded, what="both deliveries to be recorded")
             (listed,) = (await admin.get("/webhooks")).json()
             assert "secret" not in listed
             assert (listed["pending"], listed["attempts"]) == (0, 0)
@@ -378,6 +396,18 @@ async def test_errors_carry_stable_codes_and_tokens_can_be_revoked(api: Api) -> 
             json={"name": "c2", "groups": ["g1"], "packages": [{"name": "os", "version": "9"}]},
         )
         assert (no_package.status_code, no_package.json()["error"]["code"]) == (404, "not_found")
+        no_group = await http.post(
+            "/campaigns",
+            json={
+                "name": "c3",
+                "groups": ["nope"],
+                "packages": [{"name": "os", "version": "2.0.0"}],
+            },
+        )
+        assert (no_group.status_code, no_group.json()["error"]["code"]) == (404, "not_found")
+        nul = await http.get("/terminals", params={"model": "a\x00b"})
+        assert (nul.status_code, nul.json()["error"]["code"]) == (422, "refused_by_database")
+        assert "\x00" not in nul.text
         empty = await http.post(
             "/packages",
             params={"name": "os", "version": "3.0.0", "kind": "firmware", "models": ["P400"]},
@@ -543,10 +573,28 @@ async def test_terminals_provisioned_through_the_api_can_connect_and_are_diagnos
             409,
             "nothing_to_roll_back",
         )
-    # A body too large for any JSON route is refused before anything reads it.
+    # Without a token, a body is refused before anything reads it; with one, past its
+    # route's limit, whether its size is declared or it comes in chunks.
     async with api.client(None) as http:
-        huge = await http.post("/groups", content=b"x" * (17 * 1024 * 1024))
-        assert (huge.status_code, huge.json()["error"]["code"]) == (413, "payload_too_large")
+        anonymous = await http.post("/groups", content=b"[{}," * (4 * 1024 * 1024))
+        assert anonymous.status_code == 401
+    async with api.client(api.operator) as http:
+        declared = await http.post("/groups", content=b"x" * (1024 * 1024 + 1))
+        assert (declared.status_code, declared.json()["error"]["code"]) == (
+            413,
+            "payload_too_large",
+        )
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(20):
+                yield b"x" * 64 * 1024
+
+        chunked = await http.post("/groups", content=chunks())
+        assert (chunked.status_code, chunked.json()["error"]["code"]) == (413, "payload_too_large")
+        # The routes that take 10,000 terminals take a larger body.
+        many = {"terminals": [f"T{n:06d}" for n in range(10_000)]}
+        members = await http.post("/groups/eu/members", json=many)
+        assert (members.status_code, members.json()["error"]["code"]) == (404, "not_found")
 
 
 async def _nonempty(items: Any) -> bool:
