@@ -341,7 +341,7 @@ async def _provision(repo: Repository, settings: FleetSettings, args: argparse.N
         }
         for n in range(args.start, args.start + args.count)
     ]
-    async with BrokerAdmin.from_settings(settings) as admin:
+    async with inventory.admin_session(repo, lambda: BrokerAdmin.from_settings(settings)) as admin:
         await inventory.provision_terminals(repo, admin, rows, settings.terminal_secret)
     print(f"provisioned {len(rows)} terminals {rows[0]['id']}..{rows[-1]['id']}")
     return 0
@@ -364,7 +364,7 @@ async def _add_package(repo: Repository, settings: FleetSettings, args: argparse
 
 
 async def _group(repo: Repository, settings: FleetSettings, args: argparse.Namespace) -> int:
-    async with BrokerAdmin.from_settings(settings) as admin:
+    async with inventory.admin_session(repo, lambda: BrokerAdmin.from_settings(settings)) as admin:
         if args.action == "create":
             await inventory.create_group(repo, admin, args.name)
             print(f"group {args.name} ready")

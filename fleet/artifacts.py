@@ -105,6 +105,14 @@ class ArtifactStore:
         path = self._root / sha256
         return path if path.is_file() else None
 
+    def remove(self, sha256: str) -> None:
+        """Delete a stored artifact no package refers to (nothing if it is not stored)."""
+        path = self.path_of(sha256)
+        if path is not None:
+            path.unlink(missing_ok=True)
+            self._fsync_root()
+            logger.info("removed unused artifact %s", sha256)
+
     def _add(self, source: BinaryIO) -> StoredArtifact:
         # The temp file shares the final file's directory so the rename cannot cross
         # filesystems, which is what makes it atomic.

@@ -128,7 +128,11 @@ class BrokerAdmin:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Stop reading and disconnect; pending calls fail."""
+        """Stop reading and disconnect; pending calls fail.
+
+        Raises:
+            BrokerAdminError: the disconnect failed (only when nothing else is raised).
+        """
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -139,9 +143,25 @@ class BrokerAdmin:
         self._pending.clear()
         if self._client is not None:
             client, self._client = self._client, None
-            await client.__aexit__(exc_type, exc, tb)
+            try:
+                await client.__aexit__(exc_type, exc, tb)
+            except (aiomqtt.MqttError, OSError) as failed:
+                if exc is None:
+                    raise BrokerAdminError("disconnect", str(failed)) from failed
+                logger.warning("broker admin disconnect failed too: %s", failed)
 
     async def _read(self, client: aiomqtt.Client) -> None:
+        try:
+            await self._read_responses(client)
+        except aiomqtt.MqttError as exc:
+            # Taken over (another session with our client id) or dropped: callers fail
+            # now rather than at their timeout.
+            lost = BrokerAdminError("connection", f"lost the broker connection: {exc}")
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(lost)
+
+    async def _read_responses(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             if not message.topic.matches(dynsec.RESPONSE_TOPIC):
                 continue

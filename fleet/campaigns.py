@@ -59,6 +59,9 @@ async def create_campaign(
         raise CampaignError("bad_packages", "a bundle holds one version of each package")
     target = target or TargetFilter()
     async with repo.transaction() as q:
+        missing = sorted(set(groups) - await q.existing_groups(groups))
+        if missing:
+            raise NotFoundError("group", ", ".join(missing))
         package_rows = []
         for package_name, version in packages:
             row = await q.package_by_name(package_name, version)

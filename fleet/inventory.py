@@ -6,13 +6,14 @@ exists in the database but not yet in the broker cannot connect, which is the sa
 """
 
 import asyncio
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fleet import audit
-from fleet.artifacts import ArtifactStore
+from fleet.artifacts import ArtifactStore, StoredArtifact
 from fleet.broker_admin import BrokerAdmin
 from fleet.campaigns import OPERATOR
 from fleet.db.repository import Repository
@@ -22,6 +23,21 @@ from fleet.protocol import MAX_MODELS, PackageKind, is_valid_id, now
 from fleet.runner import send_groups
 
 _VERSION_RE = re.compile(r"[A-Za-z0-9._+-]{1,64}")
+
+
+@contextlib.asynccontextmanager
+async def admin_session(
+    repo: Repository, open_admin: Callable[[], BrokerAdmin]
+) -> AsyncIterator[BrokerAdmin]:
+    """A broker-admin session held alone across every process sharing the database.
+
+    All of them connect with the one admin client id, so a second session at once would
+    take the first one's connection over (`use_username_as_clientid`).
+    """
+    async with repo.transaction() as q:
+        await q.lock_broker_admin()
+        async with open_admin() as admin:
+            yield admin
 
 
 async def provision_terminals(
@@ -126,15 +142,56 @@ async def add_package(
         )
     if not is_valid_id(name) or not _VERSION_RE.fullmatch(version):
         raise CampaignError("bad_package", f"invalid package name or version {name}={version}")
-    # Off the event loop: a package can be hundreds of megabytes, and the controller
-    # serves terminals from the same loop.
-    stored = await asyncio.to_thread(store.add_file, path)
     bad_versions = [
         v for v in [*from_versions, *(requires or {}).values()] if not _VERSION_RE.fullmatch(v)
     ]
     if bad_versions or not all(is_valid_id(n) for n in requires or {}):
         raise CampaignError("bad_package", f"invalid from-version or requirement {bad_versions}")
+    # Off the event loop: a package can be hundreds of megabytes, and the controller
+    # serves terminals from the same loop.
+    stored = await asyncio.to_thread(store.add_file, path)
+    try:
+        return await _register_package(
+            repo,
+            store,
+            path,
+            stored,
+            name=name,
+            kind=kind,
+            version=version,
+            models=models,
+            from_versions=from_versions,
+            requires=requires,
+            actor=actor,
+        )
+    except Exception:
+        # Refused (a duplicate, say): the file must not stay downloadable on its own.
+        async with repo.transaction() as q:
+            await q.lock_content(stored.sha256)
+            if not await q.packages_of_content(stored.sha256):
+                await asyncio.to_thread(store.remove, stored.sha256)
+        raise
+
+
+async def _register_package(
+    repo: Repository,
+    store: ArtifactStore,
+    path: Path,
+    stored: StoredArtifact,
+    *,
+    name: str,
+    kind: PackageKind,
+    version: str,
+    models: Sequence[str],
+    from_versions: Sequence[str],
+    requires: dict[str, str] | None,
+    actor: str,
+) -> int:
     async with repo.transaction() as q:
+        await q.lock_content(stored.sha256)
+        if store.path_of(stored.sha256) is None:
+            # A refused upload of the same content removed it before this took the lock.
+            await asyncio.to_thread(store.add_file, path)
         package_id = await q.add_package(
             name,
             kind.value,

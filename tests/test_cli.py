@@ -101,6 +101,10 @@ def test_refusals_are_clear_errors(cli_env: Path, capsys: pytest.CaptureFixture[
     assert main(["campaign", "start", "nope"]) == 1
     assert "no campaign 'nope'" in capsys.readouterr().err
     assert main(["campaign", "create", "x", "--group", "g", "--package", "os=9"]) == 1
+    assert "no group 'g'" in capsys.readouterr().err
+    assert main(["group", "create", "g"]) == 0
+    capsys.readouterr()
+    assert main(["campaign", "create", "x", "--group", "g", "--package", "os=9"]) == 1
     assert "no package 'os=9'" in capsys.readouterr().err
 
 

@@ -735,14 +735,18 @@ FROM packages p WHERE p.id = $1;
 SELECT c.id, c.name, c.control, c.current_wave, c.paused_reason, c.created_at,
        c.started_at, c.rollback_of,
        (SELECT count(*) FROM campaign_waves w WHERE w.campaign_id = c.id)::int AS wave_count,
-       coalesce(x.total, 0)::int AS executions, coalesce(x.final, 0)::int AS final
-FROM campaigns c
-LEFT JOIN (SELECT e.campaign_id, count(*) AS total, count(*) FILTER (WHERE s.final) AS final
-           FROM executions e JOIN execution_states s ON s.state = e.state
-           GROUP BY e.campaign_id) x ON x.campaign_id = c.id
-WHERE c.id < $1 AND ($2::text IS NULL OR c.control = $2)
-ORDER BY c.id DESC
-LIMIT $3;
+       x.executions, x.final
+FROM (SELECT * FROM campaigns
+      WHERE id < $1 AND ($2::text IS NULL OR control = $2)
+      ORDER BY id DESC LIMIT $3) c
+-- Counted per campaign of the page only, by state from the (campaign_id, state) index.
+CROSS JOIN LATERAL (
+    SELECT coalesce(sum(n), 0)::int AS executions,
+           coalesce(sum(n) FILTER (WHERE s.final), 0)::int AS final
+    FROM (SELECT state, count(*) AS n FROM executions e
+          WHERE e.campaign_id = c.id GROUP BY state) by_state
+    JOIN execution_states s USING (state)) x
+ORDER BY c.id DESC;
 
 -- name: api_audit
 -- Audit entries after a cursor, optionally of one campaign.
@@ -912,17 +916,16 @@ SELECT ARRAY(SELECT (SELECT count(*) FROM ages WHERE age <= b.le)::int
        (SELECT max(age) FROM ages)::float8 AS oldest_s;
 
 -- name: campaign_execution_counts
--- Executions by wave and state of every campaign that is running or paused, or that
--- changed since $1 (a finished one stays on the dashboards for a while), with what the
--- failure thresholds need.
+-- Executions by wave and state of every campaign that is running (not completed) or
+-- paused, or that changed or completed since $1 (a finished one stays on the dashboards
+-- for a while), with what the failure thresholds need. Read from the campaigns alone, so
+-- old campaigns' executions are never scanned.
 WITH shown AS (
     SELECT c.id, c.name, c.current_wave, c.acknowledged_failures, c.policy
     FROM campaigns c
-    WHERE c.control IN ('running', 'paused')
-       OR c.control <> 'draft' AND (
-           c.updated_at >= $1::timestamptz
-           OR EXISTS (SELECT 1 FROM executions e
-                      WHERE e.campaign_id = c.id AND e.updated_at >= $1::timestamptz))
+    WHERE c.control = 'paused'
+       OR c.control = 'running' AND (c.completed_at IS NULL OR c.completed_at >= $1::timestamptz)
+       OR c.control <> 'draft' AND c.updated_at >= $1::timestamptz
 )
 SELECT s.id, s.name, s.current_wave, s.acknowledged_failures, s.policy, x.wave, x.state, x.n
 FROM shown s
@@ -930,3 +933,17 @@ LEFT JOIN (SELECT campaign_id, wave, state, count(*)::int AS n
            FROM executions WHERE campaign_id IN (SELECT id FROM shown)
            GROUP BY campaign_id, wave, state) x ON x.campaign_id = s.id
 ORDER BY s.id, x.wave, x.state;
+
+-- name: existing_groups
+SELECT name FROM groups WHERE name = any($1::text[]);
+
+-- name: packages_of_content
+SELECT count(*)::int FROM packages WHERE sha256 = $1;
+
+-- name: lock_content
+-- Serialises registering a package file and dropping an unused one, per content.
+SELECT pg_advisory_xact_lock(7207002, hashtext($1));
+
+-- name: lock_broker_admin
+-- One dynamic-security session at a time across processes: they share one client id.
+SELECT pg_advisory_xact_lock(7207003);

@@ -747,6 +747,24 @@ class Queries:
         """Return dead letters after `after`, optionally of one reason."""
         return _dicts(await self._conn.fetch(QUERIES["api_dead_letters"], after, reason, limit))
 
+    async def existing_groups(self, names: Sequence[str]) -> set[str]:
+        """Return which of `names` are groups."""
+        rows = await self._conn.fetch(QUERIES["existing_groups"], list(names))
+        return {r["name"] for r in rows}
+
+    async def packages_of_content(self, sha256: str) -> int:
+        """Return how many packages are this content."""
+        n: int = await self._conn.fetchval(QUERIES["packages_of_content"], sha256)
+        return n
+
+    async def lock_content(self, sha256: str) -> None:
+        """Hold, until the transaction ends, the lock on one package content."""
+        await self._conn.execute(QUERIES["lock_content"], sha256)
+
+    async def lock_broker_admin(self) -> None:
+        """Hold, until the transaction ends, the right to open a broker-admin session."""
+        await self._conn.execute(QUERIES["lock_broker_admin"])
+
     async def token_add(
         self, *, name: str, role: str, token_hash: str, created_by: str, at: datetime
     ) -> dict[str, Any]:

@@ -12,5 +12,6 @@ CREATE TABLE api_tokens (
 -- One live token per name, so audit entries (actor = token name) say who acted.
 CREATE UNIQUE INDEX api_tokens_live_name ON api_tokens (name) WHERE revoked_at IS NULL;
 
--- A terminal's update history, newest first.
-CREATE INDEX executions_terminal ON executions (terminal_id, updated_at);
+-- A terminal's update history (the primary key leads with the campaign). Not on
+-- updated_at: every state event changes that, and would move the entry each time.
+CREATE INDEX executions_terminal ON executions (terminal_id);
