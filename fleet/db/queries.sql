@@ -654,3 +654,16 @@ JOIN packages p ON p.id = cp.package_id
 WHERE e.campaign_id = $1 AND e.versions_before ? p.name
 GROUP BY p.name, e.versions_before ->> p.name
 ORDER BY p.name, n DESC;
+
+-- name: try_leader_lock
+-- Leadership among controller replicas (fleet/leader.py): a session-level lock, held on
+-- its own connection until that session ends. The key is distinct from audit_lock's.
+SELECT pg_try_advisory_lock(7207002);
+
+-- name: holds_leader_lock
+-- A bigint key shows as classid (high 32 bits), objid (low 32 bits) and objsubid 1.
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+      AND classid = 0 AND objid = 7207002 AND objsubid = 1
+);
