@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from fleet import metrics
 from fleet.errors import FleetError
 from fleet.mqtt_wire import Connection, ConnectOptions, Message, MqttError, open_connection
-from fleet.protocol import MessageKind, terminal_subscription
+from fleet.protocol import TOPIC_ROOT, MessageKind, terminal_subscription
 from fleet.settings import FleetSettings
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class MqttSession:
         self._subscribe = subscribe
         self._filters = subscriptions(settings.mqtt_shared_group)
         self._left = False
+        self._barrier: asyncio.Future[None] | None = None
         self._options = ConnectOptions(
             client_id=client_id or settings.mqtt_client_id or settings.mqtt_username,
             username=settings.mqtt_username,
@@ -91,6 +92,7 @@ class MqttSession:
             session_expiry_s=settings.mqtt_session_expiry_s,
             receive_maximum=settings.mqtt_receive_max,
         )
+        self._barrier_topic = f"{TOPIC_ROOT}/c/{self._options.client_id}/barrier"
         self._connection: Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._paused: list[Incoming] = []
@@ -133,9 +135,15 @@ class MqttSession:
         if self._left:
             return
         self._left = True
+        # A barrier: Mosquitto may still send messages it routed to this session before the
+        # UNSUBACK. A message to our own topic, published after it, is queued behind them.
+        self._barrier = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(self._settings.mqtt_publish_timeout_s):
+                await connection.subscribe([(self._barrier_topic, 1, 0)])
                 await connection.unsubscribe(self._filters)
+                await connection.publish(self._barrier_topic, b"", qos=1)
+                await self._barrier
         except (MqttError, TimeoutError) as exc:
             logger.warning("shared subscriptions not left: %s", exc, extra={"action": "mqtt_lost"})
 
@@ -192,6 +200,12 @@ class MqttSession:
             )
 
     def _on_message(self, connection: Connection, message: Message) -> None:
+        if message.topic == self._barrier_topic:
+            if message.qos:
+                connection.ack(message.packet_id)
+            if self._barrier is not None and not self._barrier.done():
+                self._barrier.set_result(None)
+            return
         # Stamped with its connection here, in `data_received`: a persistent session's
         # queued messages can arrive in the very read that carries the CONNACK.
         incoming = Incoming(
