@@ -7,7 +7,9 @@ the username, the second replica has its own broker identity (``--replica``).
 
 import asyncio
 import contextlib
+import os
 import re
+import subprocess
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 from device_sim.fleet import Simulator
 from fleet import protocol
 from fleet.db import Repository
-from fleet.embedded import Mosquitto
+from fleet.embedded import Mosquitto, find_postgres_bindir
 from fleet.leader import Leadership
 from fleet.mqtt import subscriptions
 from fleet.mqtt_wire import Connection, ConnectOptions, Message, open_connection
@@ -337,3 +339,81 @@ async def test_only_the_leader_runs_campaigns_and_the_other_takes_over_when_it_s
         async with repo.connection() as q:
             states = await q.execution_states(campaign_id)
         assert {state for state, _ in states.values()} == {"succeeded"}
+
+
+# -- the EMQX profile's authentication and authorisation queries --------------------------
+
+EMQX_CONF = Path(__file__).resolve().parent.parent / "deploy" / "emqx" / "emqx.conf"
+EMQX_AUTH_SQL = EMQX_CONF.parent / "emqx-auth.sql"
+_PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+
+
+def _emqx_queries() -> list[str]:
+    return re.findall(r'^\s*query = "(.*)"$', EMQX_CONF.read_text(), re.MULTILINE)
+
+
+async def _emqx_query(conn: asyncpg.Connection, query: str, **values: str) -> list[asyncpg.Record]:
+    """Run a query as EMQX does: each ``${name}`` becomes a parameter of a prepared statement."""
+    names: list[str] = []
+
+    def parameter(match: re.Match[str]) -> str:
+        if match[1] not in names:
+            names.append(match[1])
+        return f"${names.index(match[1]) + 1}"
+
+    return await conn.fetch(_PLACEHOLDER.sub(parameter, query), *(values[n] for n in names))
+
+
+async def test_the_emqx_queries_authenticate_and_isolate_terminals(
+    cluster_broker: Mosquitto, repo: Repository, database_url: str, tmp_path: Path
+) -> None:
+    psql = find_postgres_bindir() / "psql"
+    stack = Stack(make_settings(cluster_broker, database_url, tmp_path), repo, tmp_path)
+    await stack.provision(["T000001", "T000002"], {"g1": ["T000001"], "g2": ["T000002"]})
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "EMQX_AUTH_DB_PASSWORD": "emqx-auth-test",
+        "FLEET_TERMINAL_SECRET": TERMINAL_SECRET,
+        "FLEET_MQTT_USERNAME": CONTROLLER_USERNAME,
+        "FLEET_MQTT_PASSWORD": CONTROLLER_PASSWORD,
+    }
+    for _ in range(2):  # idempotent
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [str(psql), "-X", "-q", database_url, "-f", str(EMQX_AUTH_SQL)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+    authn, authz = _emqx_queries()
+    conn = await asyncpg.connect(database_url, user="emqx_auth", password="emqx-auth-test")
+    try:
+        [row] = await _emqx_query(conn, authn, username="T000001", clientid="T000001")
+        expected = protocol.derive_terminal_password(TERMINAL_SECRET, "T000001")
+        assert (row["password_hash"], row["is_superuser"]) == (expected, False)
+        # Another terminal's client id, an unknown terminal: no row, so no login.
+        assert await _emqx_query(conn, authn, username="T000001", clientid="T000002") == []
+        assert await _emqx_query(conn, authn, username="T999999", clientid="T999999") == []
+        [row] = await _emqx_query(conn, authn, username=CONTROLLER_USERNAME, clientid="any-id")
+        assert (row["password_hash"], row["is_superuser"]) == (CONTROLLER_PASSWORD, True)
+
+        rules = {
+            (r["permission"], r["action"], r["topic"])
+            for r in await _emqx_query(conn, authz, username="T000001")
+        }
+        own = "fleet/v1/t/T000001"
+        assert rules == {
+            *(
+                ("allow", "publish", f"{own}/{k}")
+                for k in ("events", "heartbeat", "presence", "hello")
+            ),
+            ("allow", "subscribe", f"{own}/cmd"),
+            ("allow", "subscribe", "fleet/v1/g/g1/#"),
+        }
+        # The role reads ids and memberships, nothing else.
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetch("SELECT versions FROM terminals")
+    finally:
+        await conn.close()
