@@ -2,7 +2,9 @@
 -- function of the same name. Parameters are asyncpg's $n; never string formatting.
 
 -- name: ensure_heartbeat_partitions
-SELECT fleet_ensure_heartbeat_partitions($1);
+-- Serialised, so replicas starting together do not race to create the same partition.
+WITH serialised AS MATERIALIZED (SELECT pg_advisory_xact_lock(7207003))
+SELECT fleet_ensure_heartbeat_partitions($1) FROM serialised;
 
 -- name: upsert_terminals
 INSERT INTO terminals (id, model, merchant_id, timezone, versions, attributes)
