@@ -30,10 +30,13 @@ import logging
 import math
 
 import asyncpg
+from prometheus_client import Gauge
 
 from fleet.db.repository import QUERIES
 
 logger = logging.getLogger(__name__)
+
+LEADING = Gauge("fleet_leader", "1 while this replica leads (runs the campaign runner).")
 
 
 class _LockLostError(Exception):
@@ -131,6 +134,7 @@ class Leadership:
         self.terms += 1
         self.following.clear()
         self.leading.set()
+        LEADING.set(1)
         logger.info("leading", extra={"action": "leader_elected"})
         await self._confirm_until(conn, stop, math.inf)
 
@@ -160,6 +164,7 @@ class Leadership:
             logger.warning("stepped down", extra={"action": "leader_stepped_down"})
         self.leading.clear()
         self.following.set()
+        LEADING.set(0)
 
     @staticmethod
     def _now() -> float:

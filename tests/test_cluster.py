@@ -341,6 +341,22 @@ async def test_only_the_leader_runs_campaigns_and_the_other_takes_over_when_it_s
         assert {state for state, _ in states.values()} == {"succeeded"}
 
 
+async def test_a_killed_leader_is_replaced_within_seconds(
+    cluster_broker: Mosquitto, repo: Repository, database_url: str, tmp_path: Path
+) -> None:
+    async with _replicas(cluster_broker, database_url, repo, tmp_path) as (a, b):
+        assert await _leads(database_url, a)
+        a.kill_controller_process()
+        # Its socket closes with the process, so the lock is free at once; then a lease.
+        await eventually(lambda: _leads(database_url, b), within_s=5, what="b to hold the lock")
+
+        async def b_leads() -> bool:
+            text = await asyncio.to_thread(_get, f"http://127.0.0.1:{b.settings.http_port}/metrics")
+            return re.search(r"^fleet_leader 1\.0$", text, re.MULTILINE) is not None
+
+        await eventually(b_leads, within_s=5, what="b to lead after the lease")
+
+
 # -- the EMQX profile's authentication and authorisation queries --------------------------
 
 EMQX_CONF = Path(__file__).resolve().parent.parent / "deploy" / "emqx" / "emqx.conf"
