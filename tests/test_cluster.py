@@ -231,6 +231,16 @@ async def _ingested(stack: Stack, kind: str) -> int:
     return int(float(match[1])) if match else 0
 
 
+async def _metric(stack: Stack, name: str) -> float:
+    text = await asyncio.to_thread(_get, f"http://127.0.0.1:{stack.settings.http_port}/metrics")
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(match[1]) if match else 0.0
+
+
+async def _metric_at_least(stack: Stack, name: str, value: float) -> bool:
+    return await _metric(stack, name) >= value
+
+
 @contextlib.asynccontextmanager
 async def _replicas(
     broker: Mosquitto, database_url: str, repo: Repository, tmp_path: Path
@@ -330,6 +340,9 @@ async def test_only_the_leader_runs_campaigns_and_the_other_takes_over_when_it_s
         simulator = Simulator(sim_config(cluster_broker, count, ["g1"]))
         async with running(simulator):
             await simulator.wait_connected(timeout_s=30)
+            await eventually(lambda: _metric_at_least(a, "fleet_campaign_ticks_total", 2))
+            assert await _metric(b, "fleet_campaign_ticks_total") == 0, "b's runner never ran"
+            assert await _metric(b, "fleet_leader") == 0
             assert a.terminate_controller_process() == 0
             await eventually(lambda: _leads(database_url, b), what="replica b to take over")
             campaign_id = await b.campaign(["g1"], ("os", "2.0.0"), waves=[25, 100])
