@@ -209,8 +209,9 @@ async def _hand_over_ingest(
     """On a stop in cluster mode: leave the shared group, then write what already came.
 
     What this replica leaves un-acked stays in its own broker session, which no other
-    replica reads; so it first stops new deliveries (after the UNSUBACK nothing more
-    arrives, TCP keeps the order), then lets ingest empty the inbox, within the grace.
+    replica reads; so it first stops new deliveries (`MqttSession.leave_shared_group`
+    returns once everything routed to it before has arrived), then lets ingest empty the
+    inbox, within the grace.
     """
     await stop.wait()
     try:
