@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="the plugin's JSON file, as seen from this process (its directory must exist)",
     )
+    parser.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="USERNAME",
+        help="another controller identity (cluster mode: one per further replica), with "
+        "the controller's role and password; repeatable",
+    )
     return parser
 
 
@@ -52,14 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     settings = FleetSettings()
     try:
-        dynsec.write_bootstrap(path, settings.mqtt_username, settings.mqtt_password)
+        dynsec.write_bootstrap(
+            path, settings.mqtt_username, settings.mqtt_password, replicas=args.replica
+        )
     except OSError as exc:
         logger.error("cannot write %s: %s", path, exc)  # noqa: TRY400 - the reason is enough
         return 1
     logger.info(
         "wrote %s with the controller identities %s",
         path,
-        ", ".join(sorted(dynsec.reserved_usernames(settings.mqtt_username))),
+        ", ".join(sorted(dynsec.reserved_usernames(settings.mqtt_username) | set(args.replica))),
     )
     return 0
 

@@ -2,13 +2,14 @@
 
 Tasks: ``ingest`` (MQTT -> PostgreSQL, ack after commit), ``campaign-runner`` (desired
 states, waves, automatic pause), ``http`` (artifacts with Range, /metrics, /healthz),
-``api`` (the operators' REST API, `fleet.api`),
-``maintenance`` (heartbeat partitions, dead-letter trimming), ``webhooks`` (campaign
-events to operators' endpoints, from the audit log) and ``metrics-refresh`` (the gauges
-read from the database). If any of them fails the group
-cancels the rest and the process exits loudly; a supervisor (systemd, compose) restarts
-it, and because every decision lives in PostgreSQL and un-acked messages live in the
-broker's session, the new process carries on where the old one stopped.
+``api`` (the operators' REST API, `fleet.api`), ``webhooks`` (campaign events to
+operators' endpoints, from the audit log), ``maintenance`` (heartbeat partitions,
+dead-letter trimming) and ``metrics-refresh`` (the gauges read from the database). The
+runner, maintenance and the metrics refresh run only while this replica leads
+(``leadership``, ``lead``; see `fleet.leader`). If any of them fails the group cancels the
+rest and the process exits loudly; a supervisor (systemd, compose) restarts it, and
+because every decision lives in PostgreSQL and un-acked messages live in the broker's
+session, the new process carries on where the old one stopped.
 """
 
 import asyncio
@@ -21,6 +22,7 @@ from fleet.db.repository import Repository, connect
 from fleet.errors import DatabaseUnavailableError
 from fleet.http import HttpServer
 from fleet.ingest import Ingest
+from fleet.leader import Leadership
 from fleet.mqtt import Incoming, MqttSession, PublishError
 from fleet.runner import CampaignRunner, send_groups
 from fleet.settings import FleetSettings
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 _MAINTENANCE_EVERY_S = 600.0
 _MAX_PENDING_REPLIES = 10_000
+_DRAIN_POLL_S = 0.01
 
 
 async def run(
@@ -106,8 +109,13 @@ async def _supervise(
         on_hello=after_hello,
         clock=clock,
     )
-    runner = CampaignRunner(repo, session, settings, clock)
     store = ArtifactStore(settings.artifact_dir)
+    leadership = Leadership(
+        settings.database_url,
+        lease_s=settings.leader_lease_s,
+        name=settings.mqtt_client_id or settings.mqtt_username,
+    )
+    resign = asyncio.Event()
     http = HttpServer(
         settings.http_host,
         settings.http_port,
@@ -115,19 +123,24 @@ async def _supervise(
         health=session.healthy,
         grace_s=settings.shutdown_grace_s,
     )
+    # In cluster mode ingest outlives the stop signal a little: see `_hand_over_ingest`.
+    ingest_stop = asyncio.Event() if settings.mqtt_shared_group else stop
     async with asyncio.TaskGroup() as tasks:
-        tasks.create_task(ingest.run(inbox, stop), name="ingest")
+        tasks.create_task(ingest.run(inbox, ingest_stop), name="ingest")
+        if ingest_stop is not stop:
+            tasks.create_task(
+                _hand_over_ingest(session, inbox, stop, ingest_stop, settings.shutdown_grace_s),
+                name="ingest-handover",
+            )
         tasks.create_task(_send_replies(session, replies, settings, stop), name="replies")
-        tasks.create_task(runner.run(stop), name="campaign-runner")
+        tasks.create_task(leadership.run(resign), name="leadership")
+        tasks.create_task(
+            _lead(leadership, repo, session, settings, clock, stop, resign), name="lead"
+        )
         tasks.create_task(http.serve(stop), name="http")
         api_listening = asyncio.Event()
         tasks.create_task(api.run(settings, clock, store, stop, api_listening), name="api")
-        tasks.create_task(_maintenance(repo, settings, stop), name="maintenance")
         tasks.create_task(WebhookSender(repo, settings).run(stop), name="webhooks")
-        tasks.create_task(
-            metrics.refresh_forever(repo, settings.metrics_refresh_s, clock, stop),
-            name="metrics-refresh",
-        )
         await api_listening.wait()
         logger.info("controller serving", extra={"action": "controller_ready"})
         if ready is not None:
@@ -159,6 +172,83 @@ async def _send_replies(
             logger.warning(
                 "groups of %s not sent: %s", terminal_id, exc, extra={"action": "command_failed"}
             )
+
+
+async def _lead(
+    leadership: Leadership,
+    repo: Repository,
+    session: MqttSession,
+    settings: FleetSettings,
+    clock: Clock,
+    stop: asyncio.Event,
+    resign: asyncio.Event,
+) -> None:
+    """Run the runner, maintenance and metrics refresh while, and only while, this leads.
+
+    On a stop, the current tick ends first and the lock is handed over afterwards
+    (`resign`); on a lost lock, both are cancelled at once: that is the fence.
+    """
+    try:
+        while await _first(stop, leadership.leading) is not stop:
+            # A new runner each term: nothing cached from before another replica led.
+            runner = CampaignRunner(repo, session, settings, clock)
+            step_down = asyncio.Event()
+            async with asyncio.TaskGroup() as tasks:
+                work = [
+                    tasks.create_task(runner.run(step_down), name="campaign-runner"),
+                    tasks.create_task(_maintenance(repo, settings, step_down), name="maintenance"),
+                    tasks.create_task(
+                        metrics.refresh_forever(repo, settings.metrics_refresh_s, clock, step_down),
+                        name="metrics-refresh",
+                    ),
+                ]
+                if await _first(leadership.following, stop) is leadership.following:
+                    for task in work:
+                        task.cancel()
+                else:
+                    step_down.set()
+    finally:
+        resign.set()
+
+
+async def _hand_over_ingest(
+    session: MqttSession,
+    inbox: asyncio.Queue[Incoming],
+    stop: asyncio.Event,
+    ingest_stop: asyncio.Event,
+    grace_s: float,
+) -> None:
+    """On a stop in cluster mode: leave the shared group, then write what already came.
+
+    What this replica leaves un-acked stays in its own broker session, which no other
+    replica reads; so it first stops new deliveries (`MqttSession.leave_shared_group`
+    returns once everything routed to it before has arrived), then lets ingest empty the
+    inbox, within the grace.
+    """
+    await stop.wait()
+    try:
+        async with asyncio.timeout(grace_s):
+            await session.leave_shared_group()
+            # No event says "queue empty" (asyncio.Queue.join needs task_done calls).
+            while not (inbox.empty() and session.drained()):  # noqa: ASYNC110
+                await asyncio.sleep(_DRAIN_POLL_S)
+    except TimeoutError:
+        logger.warning(
+            "stopping with %d messages not written", inbox.qsize(), extra={"action": "ingest_cut"}
+        )
+    finally:
+        ingest_stop.set()
+
+
+async def _first(*events: asyncio.Event) -> asyncio.Event:
+    """Wait until one of `events` is set; return the first one found set."""
+    waits = {asyncio.ensure_future(event.wait()): event for event in events}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    return next(event for event in events if event.is_set())
 
 
 async def _maintenance(repo: Repository, settings: FleetSettings, stop: asyncio.Event) -> None:

@@ -17,7 +17,9 @@ the broker runs with ``use_username_as_clientid``):
   ``fleet/v1/t/{tid}/cmd``; plus the shared, ACL-less marker role ``terminal``.
 * role ``group.{group}`` (one per group, via a dynsec group): subscribe and receive
   ``fleet/v1/g/{group}/#``.
-* role ``controller``: everything under ``fleet/#`` and the dynamic-security API.
+* role ``controller``: everything under ``fleet/#`` (also as a shared subscription,
+  ``$share/{group}/fleet/...``, for cluster mode) and the dynamic-security API. Each
+  controller replica has its own identity with this role.
 """
 
 import base64
@@ -35,6 +37,10 @@ TERMINAL_ROLE: Final = "terminal"
 CONTROLLER_ROLE: Final = "controller"
 CONTROL_TOPIC: Final = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC: Final = "$CONTROL/dynamic-security/v1/response"
+#: Shared subscriptions of fleet topics, any group name (cluster mode, `fleet.mqtt`).
+#: Mosquitto 2.0 checks a subscribe ACL against the whole filter, ``$share/{group}/``
+#: included, so ``fleet/#`` alone refuses them (0x87; tests/test_cluster.py).
+SHARED_FLEET: Final = "$share/+/fleet/#"
 #: Suffix of the controller's second identity; see `admin_username`.
 ADMIN_SUFFIX: Final = "-admin"
 
@@ -136,6 +142,7 @@ def controller_acls() -> list[Acl]:
         _acl("publishClientSend", fleet),
         _acl("publishClientReceive", fleet),
         _acl("subscribePattern", fleet),
+        _acl("subscribePattern", SHARED_FLEET),
         _acl("publishClientSend", "$CONTROL/dynamic-security/#"),
         _acl("subscribeLiteral", RESPONSE_TOPIC),
         _acl("publishClientReceive", RESPONSE_TOPIC),
@@ -148,18 +155,22 @@ def bootstrap_document(
     *,
     terminals: Sequence[str] = (),
     terminal_secret: str = "",
+    replicas: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Return the initial dynamic-security document.
 
     Args:
         controller_username: The controller's broker username (``FLEET_MQTT_USERNAME``).
         controller_password: Its password; the admin identity gets the same one.
+        replicas: More controller usernames, with the same role and password: one per
+            further replica of a cluster, since the broker makes the client id the
+            username (``use_username_as_clientid``) and replicas need their own.
         terminals: Terminal ids to provision up front, exactly as
             `fleet.broker_admin.BrokerAdmin.ensure_terminals` would, but without the
             plugin's per-command file rewrite (which makes bulk provisioning slow).
         terminal_secret: The secret terminal passwords are derived from.
     """
-    reserved = reserved_usernames(controller_username)
+    reserved = reserved_usernames(controller_username) | set(replicas)
     if any(tid in reserved or not protocol.is_valid_id(tid) for tid in terminals):
         raise ValueError("terminal ids must be valid and not the controller's usernames")
     clients = [
@@ -169,7 +180,7 @@ def bootstrap_document(
             "roles": [{"rolename": CONTROLLER_ROLE}],
             **hash_password(controller_password),
         }
-        for name in (controller_username, admin_username(controller_username))
+        for name in (controller_username, admin_username(controller_username), *replicas)
     ]
     clients += [
         {
@@ -208,6 +219,7 @@ def write_bootstrap(
     *,
     terminals: Sequence[str] = (),
     terminal_secret: str = "",
+    replicas: Sequence[str] = (),
 ) -> None:
     """Write the initial dynamic-security file, readable by its owner only.
 
@@ -217,12 +229,14 @@ def write_bootstrap(
         controller_password: The controller's broker password.
         terminals: Terminal ids to provision up front (see `bootstrap_document`).
         terminal_secret: The secret terminal passwords are derived from.
+        replicas: More controller usernames (see `bootstrap_document`).
     """
     document = bootstrap_document(
         controller_username,
         controller_password,
         terminals=terminals,
         terminal_secret=terminal_secret,
+        replicas=replicas,
     )
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

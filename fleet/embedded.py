@@ -258,6 +258,7 @@ class Mosquitto:
         *,
         terminals: Sequence[str] = (),
         terminal_secret: str = "",
+        replicas: Sequence[str] = (),
     ) -> None:
         """Render the configuration, bootstrap dynamic security and start the broker.
 
@@ -271,6 +272,7 @@ class Mosquitto:
             terminals: Terminal ids to provision in the bootstrap file (fast, unlike
                 provisioning thousands at run time).
             terminal_secret: The secret their passwords are derived from.
+            replicas: More controller usernames (cluster mode), same password.
 
         Raises:
             EmbeddedServiceError: the broker exited or did not listen in time.
@@ -284,6 +286,7 @@ class Mosquitto:
                 controller_password,
                 terminals=terminals,
                 terminal_secret=terminal_secret,
+                replicas=replicas,
             )
         attempts = 1 if port is not None else 3
         for attempt in range(attempts):

@@ -238,20 +238,32 @@ async def refresh_forever(
     """Refresh the database gauges every `every_s` until `stop` is set.
 
     While the database is unavailable the gauges keep their last values;
-    `fleet_metrics_refresh_timestamp_seconds` shows how old they are.
+    `fleet_metrics_refresh_timestamp_seconds` shows how old they are. Only the leading
+    replica refreshes (the gauges describe the whole fleet, so replicas would repeat each
+    other); when it stops, or stops leading, its series go, so no replica exports stale ones.
     """
-    while not stop.is_set():
-        try:
-            await refresh(repo, clock)
-        except DatabaseUnavailableError as exc:
-            logger.warning(
-                "metrics not refreshed: %s", exc, extra={"action": "metrics_refresh_skipped"}
-            )
-        try:
-            async with asyncio.timeout(every_s):
-                await stop.wait()
-        except TimeoutError:
-            pass
+    try:
+        while not stop.is_set():
+            try:
+                await refresh(repo, clock)
+            except DatabaseUnavailableError as exc:
+                logger.warning(
+                    "metrics not refreshed: %s", exc, extra={"action": "metrics_refresh_skipped"}
+                )
+            try:
+                async with asyncio.timeout(every_s):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+    finally:
+        _forget_refreshed()
+
+
+def _forget_refreshed() -> None:
+    _set_terminals([])
+    HEARTBEAT_AGE.ages = None
+    _set_campaigns([])
+    DEAD_LETTERS.clear()
 
 
 async def refresh(repo: Repository, clock: Clock) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from fleet import metrics
 from fleet.errors import FleetError
 from fleet.mqtt_wire import Connection, ConnectOptions, Message, MqttError, open_connection
-from fleet.protocol import MessageKind, terminal_subscription
+from fleet.protocol import TOPIC_ROOT, MessageKind, terminal_subscription
 from fleet.settings import FleetSettings
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,18 @@ SUBSCRIPTIONS = tuple(
     terminal_subscription(kind)
     for kind in (MessageKind.EVENTS, MessageKind.HEARTBEAT, MessageKind.PRESENCE, MessageKind.HELLO)
 )
+
+
+def subscriptions(shared_group: str = "") -> tuple[str, ...]:
+    """Ingest's topic filters; as ``$share/{group}/...`` when replicas share the work.
+
+    Only one member of a shared group receives each message [MQTT-4.8.2]. Retained
+    messages are not sent to shared subscriptions [MQTT-3.8.4-4]: retained presence then
+    arrives only with the terminal's next change.
+    """
+    if not shared_group:
+        return SUBSCRIPTIONS
+    return tuple(f"$share/{shared_group}/{topic}" for topic in SUBSCRIPTIONS)
 
 
 class PublishError(FleetError):
@@ -68,8 +80,11 @@ class MqttSession:
         self._settings = settings
         self._inbox = inbox
         self._subscribe = subscribe
+        self._filters = subscriptions(settings.mqtt_shared_group)
+        self._left = False
+        self._barrier: asyncio.Future[None] | None = None
         self._options = ConnectOptions(
-            client_id=client_id or settings.mqtt_username,
+            client_id=client_id or settings.mqtt_client_id or settings.mqtt_username,
             username=settings.mqtt_username,
             password=settings.mqtt_password,
             keepalive_s=settings.mqtt_keepalive_s,
@@ -77,6 +92,7 @@ class MqttSession:
             session_expiry_s=settings.mqtt_session_expiry_s,
             receive_maximum=settings.mqtt_receive_max,
         )
+        self._barrier_topic = f"{TOPIC_ROOT}/c/{self._options.client_id}/barrier"
         self._connection: Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._paused: list[Incoming] = []
@@ -94,6 +110,7 @@ class MqttSession:
 
     async def stop(self) -> None:
         """Disconnect cleanly; un-acked messages stay queued in the broker's session."""
+        await self.leave_shared_group()
         for task in (self._task, self._draining):
             if task is not None:
                 task.cancel()
@@ -104,6 +121,32 @@ class MqttSession:
         if connection is not None:
             connection.disconnect()
             await connection.closed
+
+    async def leave_shared_group(self) -> None:
+        """Cluster mode: unsubscribe ingest's shared filters, so others get every message.
+
+        Mosquitto keeps handing a shared group's messages to a member whose session is
+        offline (they queue for its return): leaving the group first sends them to the
+        replicas still running. A replica that crashes does not leave; its share waits
+        in its session until it is back (docs/operations.md, "Cluster mode").
+        """
+        connection = self._connection
+        if not (self._settings.mqtt_shared_group and self._subscribe and connection):
+            return
+        if self._left:
+            return
+        self._left = True
+        # A barrier: Mosquitto may still send messages it routed to this session before the
+        # UNSUBACK. A message to our own topic, published after it, is queued behind them.
+        self._barrier = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(self._settings.mqtt_publish_timeout_s):
+                await connection.subscribe([(self._barrier_topic, 1, 0)])
+                await connection.unsubscribe(self._filters)
+                await connection.publish(self._barrier_topic, b"", qos=1)
+                await self._barrier
+        except (MqttError, TimeoutError) as exc:
+            logger.warning("shared subscriptions not left: %s", exc, extra={"action": "mqtt_lost"})
 
     async def _keep_connected(self) -> None:
         delay = _RECONNECT_MIN_S
@@ -147,10 +190,10 @@ class MqttSession:
     async def _subscribe_on(self, connection: Connection) -> None:
         # Retain handling 1: retained presence only when the subscription is new, not
         # again on every reconnect of the same persistent session [MQTT-3.8.3-1].
-        codes = await connection.subscribe([(topic, 1, 1) for topic in SUBSCRIPTIONS])
+        codes = await connection.subscribe([(topic, 1, 1) for topic in self._filters])
         refused = [
             f"{topic}: {code:#x}"
-            for topic, code in zip(SUBSCRIPTIONS, codes, strict=True)
+            for topic, code in zip(self._filters, codes, strict=True)
             if code >= 0x80
         ]
         self.subscribed_ok = not refused
@@ -162,6 +205,12 @@ class MqttSession:
             )
 
     def _on_message(self, connection: Connection, message: Message) -> None:
+        if message.topic == self._barrier_topic:
+            if message.qos:
+                connection.ack(message.packet_id)
+            if self._barrier is not None and not self._barrier.done():
+                self._barrier.set_result(None)
+            return
         # Stamped with its connection here, in `data_received`: a persistent session's
         # queued messages can arrive in the very read that carries the CONNACK.
         incoming = Incoming(
@@ -193,6 +242,10 @@ class MqttSession:
             await self._inbox.put(incoming)
             if not self._paused and incoming.connection is not None:
                 incoming.connection.resume_reading()
+
+    def drained(self) -> bool:
+        """Nothing received is waiting outside the inbox (reading is not paused)."""
+        return not self._paused
 
     def healthy(self) -> bool:
         """Connected, and every ingest subscription was granted."""

@@ -58,6 +58,27 @@ class FleetSettings(BaseSettings):
     mqtt_keepalive_s: int = Field(
         30, ge=5, le=65_535, description="MQTT keep-alive of the controller."
     )
+    mqtt_client_id: str = Field(
+        "",
+        description="MQTT client id of this controller; empty means the username. Each "
+        "replica of a cluster needs its own, stable across its restarts (its persistent "
+        "session and queue are keyed by it). Mosquitto with use_username_as_clientid "
+        "ignores it: there, replicas need their own usernames.",
+    )
+    mqtt_shared_group: str = Field(
+        "",
+        pattern=r"^[^/+#]*$",
+        description="Cluster mode: subscribe to terminal messages as "
+        "$share/<group>/<filter>, so replicas with the same group split them; empty means "
+        "plain subscriptions (one controller receives everything).",
+    )
+    leader_lease_s: float = Field(
+        4.0,
+        gt=0,
+        description="Leadership (campaign runner, maintenance): a leader that cannot confirm "
+        "its PostgreSQL advisory lock for this long stops deciding, and a new leader waits "
+        "this long after taking the lock before it starts.",
+    )
 
     http_host: str = Field("127.0.0.1", description="Bind address of artifacts and metrics.")
     http_port: int = Field(8080, description="Port of artifacts (/artifacts) and /metrics.")

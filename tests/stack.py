@@ -58,6 +58,7 @@ def make_settings(broker: Mosquitto, database_url: str, workdir: Path) -> FleetS
         cancel_grace_s=0.5,
         terminal_secret=TERMINAL_SECRET,
         shutdown_grace_s=2.0,
+        leader_lease_s=0.5,
     )
 
 

@@ -35,7 +35,17 @@ SCHEMA_FILE = Path(__file__).resolve().parent / "data" / "compose-spec.json"
 #: Where the eclipse-mosquitto image's default command reads its configuration.
 MOSQUITTO_CONFIG_DIR = "/mosquitto/config"
 #: Services that run once and exit; others wait for them to complete successfully.
-ONE_SHOT = frozenset({"broker-init", "migrate", "sim-provision"})
+ONE_SHOT = frozenset({"broker-init", "migrate", "sim-provision", "emqx-auth-init"})
+#: The clustered variant (EMQX and two controller replicas), profile `cluster`.
+CLUSTER = frozenset({"emqx-auth-init", "emqx1", "emqx2", "controller-a", "controller-b"})
+REPLICAS = ("controller-a", "controller-b")
+#: Settings of the operators' REST API, added on its own branch (issue 5): accepted here
+#: until FleetSettings has them, checked against it once it does.
+PENDING_FIELDS = frozenset({"api_host", "api_port"})
+#: Files the metrics and dashboards work provides; compose must mount exactly these.
+PROMETHEUS_CONFIG = "deploy/prometheus/prometheus.yml"
+GRAFANA_PROVISIONING = "deploy/grafana/provisioning"
+GRAFANA_DASHBOARDS = "deploy/grafana/dashboards"
 #: The entry point of our image, as the Dockerfile declares it.
 FLEET_ENTRYPOINT = ["python", "-m", "fleet"]
 
@@ -295,7 +305,19 @@ def test_the_simulator_runs_only_in_the_sim_profile(
     assert services["simulator"]["profiles"] == ["sim"]
     assert services["sim-provision"]["profiles"] == ["sim"]
     started = {name for name, s in services.items() if not s.get("profiles")}
-    assert started == {"broker-init", "mosquitto", "postgres", "migrate", "controller"}
+    assert started == {
+        "broker-init",
+        "mosquitto",
+        "postgres",
+        "migrate",
+        "controller",
+        "prometheus",
+        "grafana",
+    }
+    clustered = {name for name, s in services.items() if "cluster" in s.get("profiles", [])}
+    assert clustered == CLUSTER
+    for name in CLUSTER:
+        assert services[name]["profiles"] == ["cluster"], name
 
 
 # -- images and commands ----------------------------------------------------------------
@@ -304,8 +326,18 @@ def test_the_simulator_runs_only_in_the_sim_profile(
 def test_images(services: dict[str, dict[str, Any]]) -> None:
     assert services["mosquitto"]["image"] == "eclipse-mosquitto:2.0"
     assert services["postgres"]["image"] == "postgres:15"
+    assert services["prometheus"]["image"].startswith("prom/prometheus:")
+    assert services["grafana"]["image"].startswith("grafana/grafana:")
+    assert services["emqx1"]["image"] == services["emqx2"]["image"] == "emqx/emqx:5.7.2"
     ours = fleet_services(services)
-    assert set(ours) == {"broker-init", "migrate", "controller", "sim-provision", "simulator"}
+    assert set(ours) == {
+        "broker-init",
+        "migrate",
+        "controller",
+        "sim-provision",
+        "simulator",
+        *REPLICAS,
+    }
     for service in ours.values():
         assert resolve(service["build"]["context"]) == "."
         assert (ROOT / service["build"].get("dockerfile", "Dockerfile")) == DOCKERFILE
@@ -328,6 +360,8 @@ def test_commands_parse_with_the_real_command_lines(
             pytest.fail(f"{name}: unexpected entrypoint {entrypoint}")
     assert command(services["migrate"]) == ["migrate"]
     assert command(services["controller"]) == ["serve"]
+    for name in REPLICAS:
+        assert command(services[name]) == ["serve"]
 
 
 # -- settings ---------------------------------------------------------------------------
@@ -352,7 +386,7 @@ def _dockerfile_fleet_variables() -> dict[str, str]:
 
 def test_fleet_variables_are_settings_fields(services: dict[str, dict[str, Any]]) -> None:
     # FleetSettings silently ignores unknown FLEET_* variables, so a typo would go unseen.
-    fields = {f"FLEET_{name.upper()}" for name in FleetSettings.model_fields}
+    fields = {f"FLEET_{name.upper()}" for name in set(FleetSettings.model_fields) | PENDING_FIELDS}
     used = {variable for _, variable, _ in _fleet_variables(services)}
     used |= set(_dockerfile_fleet_variables())
     assert used, "the controller is configured through FLEET_* variables"
@@ -369,6 +403,8 @@ def _settings(service: dict[str, Any]) -> FleetSettings:
         for variable, value in environment(service).items()
         if variable.startswith("FLEET_")
     }
+    for name in PENDING_FIELDS - set(FleetSettings.model_fields):
+        values.pop(name, None)
     return FleetSettings(**values)
 
 
@@ -398,7 +434,11 @@ def test_controller_settings_point_at_the_other_services(
     # All interfaces of the container, or the published port reaches nothing.
     assert settings.http_host == "0.0.0.0"
     published = [resolve(p).rsplit(":", 1)[1] for p in controller["ports"]]
-    assert published == [str(settings.http_port)]
+    api = environment(controller)
+    assert resolve(api["FLEET_API_HOST"]) == "0.0.0.0"
+    assert (
+        published == [str(settings.http_port), resolve(api["FLEET_API_PORT"])] == ["8080", "8081"]
+    )
     assert str(settings.artifact_dir) in {m.target for m in mounts(controller)}
     base = urlsplit(settings.artifact_base_url)
     assert (base.hostname, base.port) == ("controller", settings.http_port)
@@ -535,3 +575,101 @@ def test_broker_init_needs_the_volume(tmp_path: Path) -> None:
     path = tmp_path / "missing" / "dynamic-security.json"
     assert broker_init.main([str(path)]) == 1
     assert not path.parent.exists()
+
+
+# -- metrics and dashboards -------------------------------------------------------------
+
+
+def _bind(service: dict[str, Any], target: str) -> Mount:
+    [mount] = [m for m in mounts(service) if m.target == target]
+    assert mount.type == "bind"
+    assert mount.read_only, target
+    return mount
+
+
+def test_prometheus_and_grafana_mount_the_provisioned_files(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    prometheus = _bind(services["prometheus"], "/etc/prometheus/prometheus.yml")
+    assert prometheus.source == f"./{PROMETHEUS_CONFIG}"
+    grafana = services["grafana"]
+    provisioning = _bind(grafana, "/etc/grafana/provisioning")
+    assert provisioning.source == f"./{GRAFANA_PROVISIONING}"
+    dashboards = _bind(grafana, "/var/lib/grafana/dashboards")
+    assert dashboards.source == f"./{GRAFANA_DASHBOARDS}"
+    env = {name: resolve(value) for name, value in environment(grafana).items()}
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "demo" in env["GF_SECURITY_ADMIN_PASSWORD"]
+    assert "${GRAFANA_ADMIN_PASSWORD:-" in environment(grafana)["GF_SECURITY_ADMIN_PASSWORD"]
+
+
+# -- the cluster profile ----------------------------------------------------------------
+
+
+def test_replicas_share_a_group_and_a_database_with_their_own_client_ids(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    replicas = [_settings(services[name]) for name in REPLICAS]
+    single = _settings(services["controller"])
+    client_ids = [s.mqtt_client_id or s.mqtt_username for s in replicas]
+    assert len(set(client_ids)) == len(replicas), "each replica keeps its own session"
+    assert single.mqtt_client_id == ""
+    assert client_ids[0] != single.mqtt_username, "no session shared with `controller`"
+    [group] = {s.mqtt_shared_group for s in replicas}
+    assert group, "ingest is split through a shared subscription"
+    assert single.mqtt_shared_group == ""
+    for field in ("database_url", "mqtt_username", "mqtt_password", "terminal_secret"):
+        assert {getattr(s, field) for s in replicas} == {getattr(single, field)}, field
+    # Same artifacts and the same download address, whichever replica leads.
+    assert len({s.artifact_base_url for s in replicas}) == 1
+    assert len({str(s.artifact_dir) for s in replicas}) == 1
+    for name in REPLICAS:
+        assert str(replicas[0].artifact_dir) in {m.target for m in mounts(services[name])}
+    host = urlsplit(replicas[0].artifact_base_url).hostname
+    for name in REPLICAS:
+        aliases = services[name]["networks"]["default"]["aliases"]
+        assert host in aliases, name
+    # Each on its own EMQX node, each node started before it.
+    brokers = [s.mqtt_host for s in replicas]
+    assert sorted(brokers) == ["emqx1", "emqx2"]
+    for name, broker in zip(REPLICAS, brokers, strict=True):
+        assert depends_on(services[name])[broker] == "service_healthy"
+    published = [resolve(p) for name in (*REPLICAS, "controller") for p in services[name]["ports"]]
+    assert len(set(published)) == len(published)
+
+
+def test_the_emqx_nodes_form_one_static_cluster(services: dict[str, dict[str, Any]]) -> None:
+    nodes = {}
+    for name in ("emqx1", "emqx2"):
+        env = {k: resolve(v) for k, v in environment(services[name]).items()}
+        node = env["EMQX_NODE__NAME"]
+        host = node.split("@", 1)[1]
+        assert host == services[name]["hostname"]
+        assert host in services[name]["networks"]["default"]["aliases"]
+        assert env["EMQX_CLUSTER__DISCOVERY_STRATEGY"] == "static"
+        nodes[name] = env
+    seeds = {env["EMQX_CLUSTER__STATIC__SEEDS"] for env in nodes.values()}
+    assert seeds == {"[emqx@emqx1.fleet.internal,emqx@emqx2.fleet.internal]"}
+    assert len({env["EMQX_NODE__COOKIE"] for env in nodes.values()}) == 1
+    for name in ("emqx1", "emqx2"):
+        conf = _bind(services[name], "/opt/emqx/etc/emqx.conf")
+        assert conf.source == "./deploy/emqx/emqx.conf"
+
+
+def test_emqx_authenticates_with_the_fleets_secrets(services: dict[str, dict[str, Any]]) -> None:
+    init = {k: resolve(v) for k, v in environment(services["emqx-auth-init"]).items()}
+    replica = _settings(services["controller-a"])
+    assert init["FLEET_TERMINAL_SECRET"] == replica.terminal_secret
+    assert init["FLEET_MQTT_USERNAME"] == replica.mqtt_username
+    assert init["FLEET_MQTT_PASSWORD"] == replica.mqtt_password
+    postgres = {k: resolve(v) for k, v in environment(services["postgres"]).items()}
+    assert init["PGPASSWORD"] == postgres["POSTGRES_PASSWORD"]
+    for name in ("emqx1", "emqx2"):
+        env = {k: resolve(v) for k, v in environment(services[name]).items()}
+        assert env["EMQX_AUTHENTICATION__1__PASSWORD"] == init["EMQX_AUTH_DB_PASSWORD"]
+        assert env["EMQX_AUTHORIZATION__SOURCES__1__PASSWORD"] == init["EMQX_AUTH_DB_PASSWORD"]
+        assert depends_on(services[name])["emqx-auth-init"] == "service_completed_successfully"
+    argv = command(services["emqx-auth-init"])
+    script = _bind(services["emqx-auth-init"], "/etc/fleet/emqx-auth.sql")
+    assert argv[argv.index("-f") + 1] == script.target
+    assert _option(argv, "-d") == postgres["POSTGRES_DB"]

@@ -2,7 +2,9 @@
 -- function of the same name. Parameters are asyncpg's $n; never string formatting.
 
 -- name: ensure_heartbeat_partitions
-SELECT fleet_ensure_heartbeat_partitions($1);
+-- Serialised, so replicas starting together do not race to create the same partition.
+WITH serialised AS MATERIALIZED (SELECT pg_advisory_xact_lock(7207003))
+SELECT fleet_ensure_heartbeat_partitions($1) FROM serialised;
 
 -- name: upsert_terminals
 INSERT INTO terminals (id, model, merchant_id, timezone, versions, attributes)
@@ -942,8 +944,21 @@ SELECT count(*)::int FROM packages WHERE sha256 = $1;
 
 -- name: lock_content
 -- Serialises registering a package file and dropping an unused one, per content.
-SELECT pg_advisory_xact_lock(7207002, hashtext($1));
+SELECT pg_advisory_xact_lock(7207004, hashtext($1));
 
 -- name: lock_broker_admin
 -- One dynamic-security session at a time across processes: they share one client id.
 SELECT pg_advisory_xact_lock(7207003);
+
+-- name: try_leader_lock
+-- Leadership among controller replicas (fleet/leader.py): a session-level lock, held on
+-- its own connection until that session ends. The key is distinct from audit_lock's.
+SELECT pg_try_advisory_lock(7207002);
+
+-- name: holds_leader_lock
+-- A bigint key shows as classid (high 32 bits), objid (low 32 bits) and objsubid 1.
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+      AND classid = 0 AND objid = 7207002 AND objsubid = 1
+);
