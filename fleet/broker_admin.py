@@ -59,6 +59,8 @@ class BrokerAdmin:
         *,
         reserved_usernames: Iterable[str] = (),
         timeout_s: float = 120.0,
+        client_id: str | None = None,
+        dynamic_security: bool = True,
     ) -> None:
         """Prepare (not open) the connection.
 
@@ -72,6 +74,10 @@ class BrokerAdmin:
             timeout_s: How long one batch may wait for the broker's answer; the broker
                 works through pipelined batches one after another, so this covers
                 several batches' work.
+            client_id: The MQTT client id; the username by default.
+            dynamic_security: False where the broker reads identities and ACLs from the
+                fleet database itself (EMQX, deploy/emqx/): then nothing is sent to a
+                dynamic-security plugin, and only `publish` reaches the broker.
         """
         self.host = host
         self.port = port
@@ -85,10 +91,24 @@ class BrokerAdmin:
         self._prefix = secrets.token_hex(4)
         self._counter = itertools.count()
         self._window = asyncio.Semaphore(_PIPELINE)
+        self._client_id = client_id or username
+        self._dynamic_security = dynamic_security
 
     @classmethod
     def from_settings(cls, settings: FleetSettings) -> Self:
         """Connect as the controller's admin identity described by the settings."""
+        if settings.broker_acl == "database":
+            # The controller's own identity, under a client id of its own: the broker
+            # lets it use any, and its sessions must not take over ingest's.
+            return cls(
+                settings.mqtt_host,
+                settings.mqtt_port,
+                settings.mqtt_username,
+                settings.mqtt_password,
+                reserved_usernames=dynsec.reserved_usernames(settings.mqtt_username),
+                client_id=f"{settings.mqtt_client_id or settings.mqtt_username}-admin",
+                dynamic_security=False,
+            )
         return cls(
             settings.mqtt_host,
             settings.mqtt_port,
@@ -104,7 +124,7 @@ class BrokerAdmin:
             self.port,
             username=self.username,
             password=self._password,
-            identifier=self.username,
+            identifier=self._client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=True,
             logger=logger,
@@ -113,12 +133,15 @@ class BrokerAdmin:
             await client.__aenter__()
         except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
             raise BrokerAdminError("connect", str(exc)) from exc
+        self._client = client
+        if not self._dynamic_security:
+            return self
         try:
             _check_granted(await client.subscribe(dynsec.RESPONSE_TOPIC, qos=1))
         except BaseException:
+            self._client = None
             await client.__aexit__(None, None, None)
             raise
-        self._client = client
         self._reader = asyncio.create_task(self._read(client), name="broker-admin-reader")
         return self
 
@@ -191,6 +214,9 @@ class BrokerAdmin:
             BrokerAdminError: a command failed (other than "already exists"), or the broker
                 did not answer in time.
         """
+        if not self._dynamic_security:
+            # The broker asks the fleet database, which the caller has already changed.
+            return [{"command": command["command"]} for command in commands]
         batches = list(_batches(commands))
         results = await asyncio.gather(*(self._send_limited(batch) for batch in batches))
         responses = [response for batch in results for response in batch]
@@ -336,6 +362,10 @@ class BrokerAdmin:
         Raises:
             BrokerAdminError: the terminal does not exist.
         """
+        if not self._dynamic_security:
+            raise BrokerAdminError(
+                "disableClient", "this broker reads identities from the fleet database"
+            )
         await self.execute([{"command": "disableClient", "username": self._check_ids([tid])[0]}])
 
 

@@ -6,6 +6,7 @@ environment variable (``FLEET_`` + the upper-cased field name). Nothing below
 """
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +35,13 @@ class FleetSettings(BaseSettings):
         "controller",
         description="The controller's broker identity; also its client id, so a restarted "
         "controller resumes the same persistent session and its queue.",
+    )
+    broker_acl: Literal["dynsec", "database"] = Field(
+        "dynsec",
+        description="Where the broker learns who may connect and what they may read: "
+        "`dynsec`, Mosquitto's dynamic-security plugin, which the controller keeps up to "
+        "date; `database`, the fleet database itself (EMQX's PostgreSQL authentication and "
+        "authorization, deploy/emqx/), so provisioning only writes the database.",
     )
     mqtt_password: str = Field("controller", description="The controller's broker password.")
     mqtt_session_expiry_s: int = Field(

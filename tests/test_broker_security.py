@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from fleet import dynsec, protocol
+from fleet import dynsec, inventory, protocol
 from fleet.broker_admin import BrokerAdmin
+from fleet.db import Repository
 from fleet.embedded import BROKER_CONFIG, RENDERED_KEYS, Mosquitto
 from fleet.errors import BrokerAdminError
 from fleet.protocol import MessageKind, desired_topic, terminal_topic
+from fleet.settings import FleetSettings
 from tests.conftest import CONTROLLER_PASSWORD, CONTROLLER_USERNAME, TERMINAL_SECRET
 from tests.mqtt_probe import Probe
 
@@ -366,3 +368,53 @@ def test_terminals_in_the_bootstrap_file_get_the_same_acls(tmp_path: Path) -> No
     finally:
         probe.close()
         server.stop()
+
+
+async def test_with_acls_in_the_database_provisioning_sends_the_broker_nothing_but_commands(
+    broker: Mosquitto, repo: Repository, connect
+) -> None:
+    """`broker_acl = database` (EMQX reads the fleet database): no dynamic-security calls.
+
+    Against Mosquitto, which does keep dynamic security, that shows as a terminal the
+    database knows but the broker does not; the groups command still reaches terminals.
+    """
+    settings = FleetSettings(
+        mqtt_host=broker.host,
+        mqtt_port=broker.port,
+        mqtt_username=CONTROLLER_USERNAME,
+        mqtt_password=CONTROLLER_PASSWORD,
+        broker_acl="database",
+    )
+    async with BrokerAdmin.from_settings(settings) as via_dynsec_too:
+        pass  # the controller's own identity logs in; no response topic is needed
+    assert via_dynsec_too.username == CONTROLLER_USERNAME
+    async with BrokerAdmin(
+        broker.host,
+        broker.port,
+        dynsec.admin_username(CONTROLLER_USERNAME),
+        CONTROLLER_PASSWORD,
+    ) as real:
+        await real.ensure_terminals(["K1"], TERMINAL_SECRET)
+    # Watched by the admin identity: on Mosquitto the client id is the username, and the
+    # database-mode admin logs in as the controller itself.
+    watcher = connect(dynsec.admin_username(CONTROLLER_USERNAME), password=CONTROLLER_PASSWORD)
+    assert watcher.subscribe(terminal_topic("+", MessageKind.CMD)).value == GRANTED_QOS1
+    async with BrokerAdmin.from_settings(settings) as admin:
+        await inventory.provision_terminals(
+            repo, admin, [{"id": "D1"}, {"id": "K1"}], TERMINAL_SECRET
+        )
+        await inventory.create_group(repo, admin, "eu")
+        await inventory.assign_group(repo, admin, "eu", ["K1"])
+        with pytest.raises(BrokerAdminError):
+            await admin.disable_terminal("K1")
+    # The groups command went out as the controller ...
+    message = watcher.wait_message(terminal_topic("K1", MessageKind.CMD))
+    assert json.loads(message.payload)["groups"] == ["eu"]
+    # ... but D1 exists only in the database, so Mosquitto refuses it.
+    stranger = Probe(
+        broker.host, broker.port, "D1", protocol.derive_terminal_password(TERMINAL_SECRET, "D1")
+    )
+    try:
+        assert stranger.connect().value == NOT_AUTHORIZED
+    finally:
+        stranger.close()
