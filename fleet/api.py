@@ -891,6 +891,9 @@ async def serve(
     instead of uvicorn's exit.
     """
     sock = socket.create_server((host, port), reuse_port=False)
+    # Inherited by accepted connections. Without it a response's head and body wait on
+    # the client's delayed ACK: 44 ms for any request instead of 1 ms (measured here).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setblocking(False)  # noqa: FBT003 - the socket API's own flag
     if listening is not None:
         listening.set()  # connections queue in the backlog until uvicorn accepts them
