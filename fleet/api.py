@@ -9,7 +9,6 @@ typed errors of the layers below in one place (`_ERROR_STATUS` and the handlers)
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -43,7 +42,6 @@ from fleet.api_models import (
     CampaignSummary,
     DeadLetter,
     DeadLetterPage,
-    DeliveryOut,
     ErrorBody,
     EventRecord,
     Excluded,
@@ -69,7 +67,6 @@ from fleet.api_models import (
     WaveProgress,
     WebhookCreate,
     WebhookCreated,
-    WebhookOut,
     Whoami,
 )
 from fleet.artifacts import ArtifactStore
@@ -775,11 +772,9 @@ def _router() -> APIRouter:
     # -- webhooks ----------------------------------------------------------------------
 
     @api.get("/webhooks", tags=["webhooks"])
-    async def list_webhooks(_: Admin, context: Context) -> list[WebhookOut]:
+    async def list_webhooks(_: Admin, context: Context) -> list[webhooks.WebhookEndpoint]:
         """Endpoints and their delivery lag: pending events, failing attempts, last error."""
-        return [
-            WebhookOut(**dataclasses.asdict(e)) for e in await webhooks.list_endpoints(context.repo)
-        ]
+        return await webhooks.list_endpoints(context.repo)
 
     @api.post("/webhooks", status_code=201, tags=["webhooks"])
     async def add_webhook(caller: Admin, context: Context, body: WebhookCreate) -> WebhookCreated:
@@ -794,7 +789,7 @@ def _router() -> APIRouter:
             start_after=body.start_after,
             allowed_hosts=webhooks.allowed_hosts(context.settings.webhook_allowed_hosts),
         )
-        return WebhookCreated(**dataclasses.asdict(endpoint), secret=secret)
+        return WebhookCreated(endpoint=endpoint, secret=secret)
 
     @api.delete("/webhooks/{webhook_id}", status_code=204, tags=["webhooks"])
     async def remove_webhook(caller: Admin, context: Context, webhook_id: DbId) -> None:
@@ -809,10 +804,9 @@ def _router() -> APIRouter:
         context: Context,
         webhook_id: DbId,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    ) -> list[DeliveryOut]:
+    ) -> list[webhooks.Delivery]:
         """An endpoint's newest delivery attempts, newest first."""
-        found = await webhooks.recent_deliveries(context.repo, webhook_id, limit)
-        return [DeliveryOut(**dataclasses.asdict(d)) for d in found]
+        return await webhooks.recent_deliveries(context.repo, webhook_id, limit)
 
     return api
 

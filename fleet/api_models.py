@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fleet.policy import CampaignPolicy, TargetFilter
 from fleet.protocol import ID_PATTERN, MAX_PACKAGES
+from fleet.webhooks import WebhookEndpoint
 
 Name = Annotated[str, Field(pattern=ID_PATTERN, examples=["T000001"])]
 Version = Annotated[str, Field(pattern=r"^[A-Za-z0-9._+-]{1,64}$", examples=["2.4.1"])]
@@ -359,40 +360,8 @@ class WebhookCreate(_Body):
     start_after: Annotated[int, Field(ge=0, le=2**62)] | None = None
 
 
-class WebhookOut(_Body):
-    """An endpoint and its delivery state; never its secret."""
-
-    id: int
-    url: str
-    events: list[str]
-    created_at: str
-    created_by: str
-    delivered_through: int
-    pending: int
-    attempts: int
-    last_error: str | None
-    failing_since: str | None
-    next_attempt_at: str | None
-    last_delivered_at: str | None
-    removed_at: str | None
-
-
-class WebhookCreated(WebhookOut):
+class WebhookCreated(_Body):
     """A new endpoint and its secret: store it now, it cannot be shown again."""
 
+    endpoint: WebhookEndpoint
     secret: str
-
-
-class DeliveryOut(_Body):
-    """One delivery attempt; `status` is None when no response came."""
-
-    id: int
-    endpoint_id: int
-    audit_id: int
-    event: str
-    attempt: int
-    at: str
-    status: int | None
-    error: str | None
-    duration_ms: float
-    ok: bool
