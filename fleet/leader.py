@@ -97,7 +97,7 @@ class Leadership:
                     "leader lock connection lost: %s", exc, extra={"action": "leader_unavailable"}
                 )
             finally:
-                self._step_down()
+                self._step_down(stopping=stop.is_set())
                 conn.terminate()
 
     async def _connect(self) -> asyncpg.Connection:
@@ -159,9 +159,11 @@ class Leadership:
             await _wait(stop, max(0.0, min(sent + self._check_s, until) - loop.time()))
         return stop.is_set()
 
-    def _step_down(self) -> None:
+    def _step_down(self, *, stopping: bool = False) -> None:
         if self.leading.is_set():
-            logger.warning("stepped down", extra={"action": "leader_stepped_down"})
+            # Handing over on a stop is the normal end of a term; anything else is news.
+            level = logging.INFO if stopping else logging.WARNING
+            logger.log(level, "stepped down", extra={"action": "leader_stepped_down"})
         self.leading.clear()
         self.following.set()
         LEADING.set(0)
