@@ -132,7 +132,8 @@ async def _supervise(
                 _hand_over_ingest(session, inbox, stop, ingest_stop, settings.shutdown_grace_s),
                 name="ingest-handover",
             )
-        tasks.create_task(_send_replies(session, replies, settings, stop), name="replies")
+        # Until ingest stops: hellos written during a hand-over still get their answer.
+        tasks.create_task(_send_replies(session, replies, settings, ingest_stop), name="replies")
         tasks.create_task(leadership.run(resign), name="leadership")
         tasks.create_task(
             _lead(leadership, repo, session, settings, clock, stop, resign), name="lead"
@@ -202,11 +203,13 @@ async def _lead(
                         name="metrics-refresh",
                     ),
                 ]
-                if await _first(leadership.following, stop) is leadership.following:
+                if await _first(leadership.following, stop) is not leadership.following:
+                    # Stopping: the current tick may end, but only while still leading.
+                    step_down.set()
+                    await _until_done_or(work, leadership.following)
+                if leadership.following.is_set():
                     for task in work:
                         task.cancel()
-                else:
-                    step_down.set()
     finally:
         resign.set()
 
@@ -238,6 +241,17 @@ async def _hand_over_ingest(
         )
     finally:
         ingest_stop.set()
+
+
+async def _until_done_or(work: list[asyncio.Task[None]], event: asyncio.Event) -> None:
+    """Wait until every task in `work` is done, or `event` is set."""
+    waiting = asyncio.ensure_future(event.wait())
+    finishing = asyncio.ensure_future(asyncio.wait(work))
+    try:
+        await asyncio.wait({waiting, finishing}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+        finishing.cancel()
 
 
 async def _first(*events: asyncio.Event) -> asyncio.Event:

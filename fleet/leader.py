@@ -17,8 +17,8 @@ Fencing, with ``lease`` = ``leader_lease_s``:
   has stepped down.
 
 What remains: this holds for a process that runs. One frozen mid-tick (a stopped VM, a
-long pause) does not look at its clock until it resumes, and statements it had already
-sent still execute. The runner's decisions are guarded state transitions and its commands
+long pause) loses the lock (its idle session is ended after a lease) but does not look at
+its clock until it resumes, and statements it had already sent still execute. The runner's decisions are guarded state transitions and its commands
 are idempotent for terminals, so such an overlap repeats work rather than corrupting it.
 
 This module is the database boundary for its own connection, as `fleet.db.repository`
@@ -69,6 +69,8 @@ class Leadership:
         self.following.set()
         #: Terms led so far, counted when they begin.
         self.terms = 0
+        #: When the lock was last known held (loop time a confirming query was sent).
+        self._confirmed = 0.0
 
     @property
     def application_name(self) -> str:
@@ -113,13 +115,19 @@ class Leadership:
                 "tcp_keepalives_interval": "1",
                 "tcp_keepalives_count": "3",
                 "tcp_user_timeout": str(idle_s * 1000),
+                # A frozen leader (SIGSTOP, a paused VM or container, a stuck loop) still
+                # answers keepalives from its kernel; its silence ends the session instead.
+                # A live leader is never idle that long: it checks every lease / 4.
+                "idle_session_timeout": str(max(1000, math.ceil(self._lease_s * 1000))),
             },
         )
 
     async def _acquire(self, conn: asyncpg.Connection, stop: asyncio.Event) -> bool:
         """Try for the lock until it is ours (True) or `stop` is set (False)."""
         while not stop.is_set():
+            sent = self._now()
             if await conn.fetchval(QUERIES["try_leader_lock"], timeout=self._lease_s):
+                self._confirmed = sent
                 logger.info(
                     "leader lock taken; leading in %.1f s",
                     self._lease_s,
@@ -147,15 +155,16 @@ class Leadership:
             TimeoutError: no confirmation for a lease (the caller steps down).
         """
         loop = asyncio.get_running_loop()
-        confirmed = self._now()
         while not stop.is_set() and self._now() < until:
             sent = self._now()
-            async with asyncio.timeout_at(confirmed + self._lease_s):
+            # From the last confirmation, carried from the lock's taking into the term: the
+            # lease never restarts without a fresh answer.
+            async with asyncio.timeout_at(self._confirmed + self._lease_s):
                 held = await conn.fetchval(QUERIES["holds_leader_lock"])
             if not held:
                 raise _LockLostError
             # Held when the query was sent at the latest; the lease counts from there.
-            confirmed = sent
+            self._confirmed = sent
             await _wait(stop, max(0.0, min(sent + self._check_s, until) - loop.time()))
         return stop.is_set()
 

@@ -188,6 +188,8 @@ class MqttSession:
                 delay = _RECONNECT_MIN_S
 
     async def _subscribe_on(self, connection: Connection) -> None:
+        if self._left:
+            return  # handing over: a reconnect must not take a share of new messages again
         # Retain handling 1: retained presence only when the subscription is new, not
         # again on every reconnect of the same persistent session [MQTT-3.8.3-1].
         codes = await connection.subscribe([(topic, 1, 1) for topic in self._filters])

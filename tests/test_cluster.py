@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
 import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -195,6 +197,46 @@ async def test_a_stopping_leader_hands_over(database_url: str) -> None:
         async with asyncio.timeout(10):
             await b.leading.wait()
         assert b.terms == 1
+
+
+_FROZEN_LEADER = """
+import asyncio, sys
+from fleet.leader import Leadership
+
+async def main() -> None:
+    leader = Leadership(sys.argv[1], lease_s=float(sys.argv[2]), name="frozen")
+    task = asyncio.create_task(leader.run(asyncio.Event()))
+    await leader.leading.wait()
+    print("leading", flush=True)
+    await task
+
+asyncio.run(main())
+"""
+
+
+async def test_a_frozen_leader_is_replaced(database_url: str) -> None:
+    """A stopped process (SIGSTOP, a paused VM) keeps its socket and answers keepalives
+    from its kernel: only the silence of its session can end its term."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _FROZEN_LEADER,
+        database_url,
+        str(LEASE_S),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        async with asyncio.timeout(20):
+            assert (await child.stdout.readline()).strip() == b"leading"
+        child.send_signal(signal.SIGSTOP)
+        async with _competing(database_url, "b") as [b]:
+            async with asyncio.timeout(15):
+                await b.leading.wait()
+            assert await _lock_holder(database_url) == b.application_name
+    finally:
+        child.kill()
+        await child.wait()
 
 
 # -- two controller processes -----------------------------------------------------------
