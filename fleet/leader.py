@@ -18,8 +18,9 @@ Fencing, with ``lease`` = ``leader_lease_s``:
 
 What remains: this holds for a process that runs. One frozen mid-tick (a stopped VM, a
 long pause) loses the lock (its idle session is ended after a lease) but does not look at
-its clock until it resumes, and statements it had already sent still execute. The runner's decisions are guarded state transitions and its commands
-are idempotent for terminals, so such an overlap repeats work rather than corrupting it.
+its clock until it resumes, and statements it had already sent still execute. The
+runner's decisions are guarded state transitions and its commands are idempotent for
+terminals, so such an overlap repeats work rather than corrupting it.
 
 This module is the database boundary for its own connection, as `fleet.db.repository`
 is for the pool: asyncpg's exceptions end here.
