@@ -953,8 +953,11 @@ def _package(row: Mapping[str, Any]) -> PackageOut:
 
 
 def _campaign_summary(row: Mapping[str, Any]) -> CampaignSummary:
-    settled = row["current_wave"] >= row["wave_count"] and row["final"] == row["executions"]
-    status = "completed" if row["control"] == "running" and settled else row["control"]
+    status = campaigns.derived_status(
+        row["control"],
+        every_wave_open=row["current_wave"] >= row["wave_count"],
+        everything_final=row["final"] == row["executions"],
+    )
     return CampaignSummary(status=status, **dict(row))
 
 

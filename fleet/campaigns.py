@@ -471,12 +471,18 @@ class CampaignStatus:
     @property
     def status(self) -> str:
         """draft, running, paused, canceled, aborted, or completed once all is final."""
-        everything_final = all(
-            wave.count(FINAL) == wave.size for wave in self.waves
-        ) and self.current_wave == len(self.waves)
-        if self.control == "running" and everything_final:
-            return "completed"
-        return self.control
+        return derived_status(
+            self.control,
+            every_wave_open=self.current_wave == len(self.waves),
+            everything_final=all(wave.count(FINAL) == wave.size for wave in self.waves),
+        )
+
+
+def derived_status(control: str, *, every_wave_open: bool, everything_final: bool) -> str:
+    """A campaign's status: its control, or completed when running with nothing left."""
+    if control == "running" and every_wave_open and everything_final:
+        return "completed"
+    return control
 
 
 def wave_statuses(rows: list[WaveRow], current_wave: int) -> list[WaveStatus]:
